@@ -229,14 +229,19 @@ QFORMER_NEW = [r"ln_vision\..*", r"query_tokens", r"vision_proj\..*", r"text_pro
                r".*\.crossattention\..*", r"cls\.predictions\..*"]
 
 
-def load_qformer(bert_src, vision_width, num_queries=32, cross_attention_freq=2, **overrides):
+def load_qformer(bert_src, vision_width, num_queries=32, cross_attention_freq=2, keep_layers=0, **overrides):
     """A Q-Former initialised from a BERT checkpoint: embeddings, self-attention and FFN of every layer (the
-    query FFN starts as a copy of the text FFN), and the MLM head when the checkpoint has one."""
+    query FFN starts as a copy of the text FFN), and the MLM head when the checkpoint has one.
+    keep_layers > 0 keeps only the checkpoint's first layers (a cheaper Q-Former for CPU runs)."""
     folder = resolve(bert_src, ("config.json", "tokenizer.json"))
     cfg = read_config(folder, QFormerConfig, vision_width=vision_width, num_query_tokens=num_queries,
                       cross_attention_freq=cross_attention_freq, **overrides)
     tensors, path = read_safetensors(folder)
     tensors = _rename(tensors, BERT_RULES, ignore=BERT_IGNORE)
+    if 0 < keep_layers < cfg.num_hidden_layers:
+        cfg.num_hidden_layers = keep_layers
+        tensors = {k: v for k, v in tensors.items()
+                   if not (k.startswith("encoder.layer.") and int(k.split(".")[2]) >= keep_layers)}
     for k in list(tensors):
         m = re.fullmatch(r"(encoder\.layer\.\d+\.)(intermediate|output)\.(.*)", k)
         if m:

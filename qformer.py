@@ -36,6 +36,8 @@ class QFormerConfig:
     cross_attention_freq: int = 2
     embed_dim: int = 256            # ITC projection
     dec_token_id: int = 1           # [DEC] starts ITG text; bert's "[unused0]", so the vocabulary keeps its size
+    text_pooling: str = "cls"       # ITC text feature: BLIP-2 takes [CLS]; "mean" suits sentence-embedding BERTs
+                                    # (all-MiniLM-L6-v2 was trained with mean pooling: its [CLS] barely varies)
 
 
 # ---- the four attention modes: bool masks, True = may attend, shaped to broadcast over [B, heads, rows, cols]
@@ -209,6 +211,20 @@ class QFormer(nn.Module):
         """Text alone: exactly BertModel's last_hidden_state."""
         return self(input_ids=input_ids, mask=text_mask(attention_mask))
 
+    def text_feature(self, input_ids, attention_mask):
+        """The ITC text embedding [B, embed_dim], L2-normalised."""
+        h = self.encode_text(input_ids, attention_mask)
+        if self.config.text_pooling == "mean":
+            m = attention_mask[..., None].to(h.dtype)
+            h = (h * m).sum(1) / m.sum(1)
+        else:
+            h = h[:, 0]
+        return F.normalize(self.text_proj(h), dim=-1)
+
+    def image_feature(self, image_embeds):
+        """The ITC image embeddings [B, 32, embed_dim], one per query, L2-normalised."""
+        return F.normalize(self.vision_proj(self.encode_image(image_embeds)), dim=-1)
+
     def itm_logits(self, image_embeds, input_ids, attention_mask):
         """ITM: the query outputs of a bidirectional pass, each scored by itm_head, averaged: [B, 2]."""
         n = self.config.num_query_tokens
@@ -231,3 +247,71 @@ def _init_weights(m):
     if isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+# -----------------------------------------------------------------------------------------------------------
+# the three stage-1 objectives
+
+
+def itc_similarity(img_feats, txt_feat):
+    """img_feats [Bi,32,E], txt_feat [Bt,E] (both L2-normalised) -> [Bi,Bt]: the best-matching query per pair."""
+    return torch.einsum("iqe,te->itq", img_feats, txt_feat).max(dim=-1).values
+
+
+def hard_negatives(sim, same, generator=None, rank=0, world=1):
+    """For each row, a column drawn with probability softmax(sim) among the columns that are not positives
+    (`same`). Gumbel-max sampling with noise for the whole global batch, so that every DDP process draws what
+    a single process would and takes its own rows. A row with no negative at all falls back to uniform."""
+    B = sim.size(0)
+    g = torch.rand(B * world, sim.size(1), generator=generator).to(sim.device)[rank * B:(rank + 1) * B]
+    logits = sim.float().masked_fill(same, float("-inf"))
+    logits = torch.where(same.all(1, keepdim=True), torch.zeros_like(logits), logits)
+    return (logits - torch.log(-torch.log(g.clamp_min(1e-20)))).argmax(dim=1)
+
+
+def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=("itc", "itm", "itg"),
+                  env=None, generator=None):
+    """BLIP-2's ITC, ITM and ITG on one (local) batch. key_ids: an int per sample naming its content, so that
+    duplicates (the same scene, captioned alike) count as positives in ITC and are never drawn as ITM negatives.
+    env (trainer.Env) gathers across DDP processes; with the same global batch the loss equals a single
+    process's. generator: seeds the hard-negative draw identically on every process. -> {name: loss}"""
+    gather = env.gather if env is not None else (lambda x: x)
+    gather_nograd = env.gather_nograd if env is not None else (lambda x: x)
+    rank, world = (env.rank, env.world) if env is not None else (0, 1)
+    B, out = input_ids.size(0), {}
+    all_keys = gather_nograd(key_ids)
+    same = key_ids[:, None] == all_keys[None]  # [B, B*world]: positives (the pair itself included)
+    if "itc" in losses or "itm" in losses:
+        with torch.no_grad():
+            qf.temp.clamp_(0.001, 0.5)
+        img_feats, txt_feat = qf.image_feature(image_embeds), qf.text_feature(input_ids, attention_mask)
+        sim_i2t = itc_similarity(img_feats, gather(txt_feat)) / qf.temp
+        sim_t2i = itc_similarity(gather(img_feats), txt_feat).t() / qf.temp
+        if "itc" in losses:
+            targets = same.float() / same.float().sum(1, keepdim=True)
+            out["itc"] = (F.cross_entropy(sim_i2t.float(), targets, label_smoothing=0.1)
+                          + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=0.1)) / 2
+    if "itm" in losses:
+        all_img, all_ids, all_mask = gather_nograd(image_embeds), gather_nograd(input_ids), \
+            gather_nograd(attention_mask)
+        with torch.no_grad():
+            neg_txt = hard_negatives(sim_i2t, same, generator, rank, world)
+            neg_img = hard_negatives(sim_t2i, same, generator, rank, world)
+        imgs = torch.cat([image_embeds, image_embeds, all_img[neg_img]])
+        ids = torch.cat([input_ids, all_ids[neg_txt], input_ids])
+        mask = torch.cat([attention_mask, all_mask[neg_txt], attention_mask])
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
+        # a drawn "negative" can only be a positive when the whole global batch shares one content
+        labels[B:2 * B] = same.gather(1, neg_txt[:, None]).squeeze(1).long()
+        labels[2 * B:] = same.gather(1, neg_img[:, None]).squeeze(1).long()
+        out["itm"] = F.cross_entropy(qf.itm_logits(imgs, ids, mask).float(), labels)
+    if "itg" in losses:
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = qf.config.dec_token_id  # [DEC] replaces [CLS]: "now describe the image"
+        logits = qf.itg_logits(image_embeds, dec_ids, attention_mask)[:, :-1]
+        labels = dec_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        n_tokens = (labels != -100).sum()
+        # token-mean over the *global* batch, so DDP's average over processes equals one process's loss
+        total = (env.sum(n_tokens) if env is not None else n_tokens).clamp_min(1)
+        out["itg"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     label_smoothing=0.1, reduction="sum") * world / total
+    return out

@@ -393,3 +393,186 @@ def test_offline_hub_error_is_clear(tmp_path, monkeypatch):
         load_vit("google/vit-base-patch16-224")
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         load_vit(str(tmp_path / "nope"))
+
+# ---------------------------------------------------------------------------------------------------- stage 1
+import io
+import socket
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+import data
+import metrics
+import train_qformer
+from qformer import hard_negatives, stage1_losses
+
+
+def test_shapes_deterministic_and_splits_disjoint():
+    a, ca = data.make_shape_example(0, 5, 48)
+    b, cb = data.make_shape_example(0, 5, 48)
+    assert ca == cb and np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (48, 48)
+    c, _ = data.make_shape_example(1, 5, 48)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    scenes = [data.shape_scene(0, i) for i in range(300)]
+    assert {len(s["objects"]) for s in scenes} == {1, 2, 3}
+    assert len({o[1] for s in scenes for o in s["objects"]}) >= 6 and len({o[2] for s in scenes for o in s["objects"]}) == 4
+    # a caption names every object's colour and shape, and the judge agrees with the generator
+    for i in range(50):
+        s = data.shape_scene(0, i)
+        assert all(metrics.judge(r, s)["exact"] for r in data.reference_captions(0, i)), i
+
+
+def test_hard_negatives_never_positive():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])
+    same = keys[:, None] == keys[None]
+    for _ in range(20):
+        sim = torch.randn(8, 8) * 5
+        sim[same] += 100  # positives the most similar: the draw must still avoid them
+        neg = hard_negatives(sim, same, g)
+        assert not same[torch.arange(8), neg].any()
+
+
+def test_itg_labels_and_loss_by_hand():
+    qf = tiny_qformer()
+    img = torch.randn(2, 5, 24)
+    ids = torch.tensor([[101, 7, 8, 9, 102], [101, 7, 102, 0, 0]])
+    mask = (ids != 0).long()
+    keys = torch.tensor([1, 2])
+    ids = ids % 50
+    got = stage1_losses(qf, img, ids, mask, keys, ("itg",))["itg"]
+    dec = ids.clone()
+    dec[:, 0] = qf.config.dec_token_id
+    logits = qf.itg_logits(img, dec, mask)
+    # position t predicts token t+1; padding is never a label; the first text token ([DEC]) is never a label
+    terms = [torch.nn.functional.cross_entropy(logits[b, t], dec[b, t + 1], label_smoothing=0.1)
+             for b in range(2) for t in range(4) if mask[b, t + 1]]
+    assert len(terms) == 4 + 2
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
+
+
+def run_stage1(args, tmp_path, name):
+    out = tmp_path / name
+    train_qformer.main(["--preset", "tiny", "--out_dir", str(out), *args])
+    return [json.loads(l) for l in open(out / "metrics.jsonl")], out
+
+
+def test_stage1_exact_resume(tmp_path):
+    full, out_a = run_stage1(["--max_steps", "4"], tmp_path, "a")
+    _, out_b = run_stage1(["--max_steps", "4", "--halt_at", "2"], tmp_path, "b")
+    resumed, _ = run_stage1(["--max_steps", "4", "--resume"], tmp_path, "b")
+    loss = lambda rows: {r["step"]: r["itc"] + r["itm"] + r["itg"] for r in rows if "itc" in r}
+    la, lb = loss(full), loss(resumed)
+    assert set(lb) == {1, 2, 3, 4} and all(abs(la[s] - lb[s]) < 1e-5 for s in (3, 4)), (la, lb)
+    wa, wb = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    evals = [r for r in full if r.get("eval")]
+    assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "itm_acc", "itg_loss"} <= set(evals[-1])
+
+
+def test_stage1_ddp_two_processes_equals_one(tmp_path):
+    common = ["--preset", "tiny", "--max_steps", "2", "--eval_interval", "100"]
+    single, _ = run_stage1(["--max_steps", "2", "--eval_interval", "100", "--batch_size", "8"], tmp_path, "one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), "train_qformer.py", *common,
+                        "--batch_size", "4", "--out_dir", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    for a, b in zip([x for x in single if "itc" in x], [x for x in ddp if "itc" in x]):
+        for k in ("itc", "itm", "itg"):
+            assert abs(a[k] - b[k]) < 1e-4, (k, a, b)
+
+
+def _img_bytes(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_bad_data_shard_is_skipped_and_counted(tmp_path):
+    rgb = Image.new("RGB", (20, 20), (200, 30, 30))
+    good_jpg = _img_bytes(rgb, "JPEG")
+    samples = {
+        "000_good": (good_jpg, b"a red square"),
+        "001_truncated": (good_jpg[: len(good_jpg) // 2], b"cut short"),
+        "002_empty_file": (b"", b"nothing"),
+        "003_cmyk": (_img_bytes(rgb.convert("CMYK"), "JPEG"), b"cmyk"),
+        "004_png16": (_img_bytes(Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)), "PNG"), b"16 bit"),
+        "005_palette": (_img_bytes(rgb.convert("P"), "PNG"), b"palette"),
+        "006_rgba": (_img_bytes(Image.new("RGBA", (20, 20), (0, 0, 255, 128)), "PNG"), b"rgba"),
+        "007_gray": (_img_bytes(rgb.convert("L"), "PNG"), b"grey"),
+        "008_tiny": (_img_bytes(Image.new("RGB", (1, 1)), "PNG"), b"one pixel"),
+        "009_empty_caption": (good_jpg, b"   "),
+        "010_bad_utf8": (good_jpg, b"caf\xe9 \xff"),
+    }
+    shard = tmp_path / "bad.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, (img, txt) in samples.items():
+            for ext, payload in ((".jpg" if "png" not in key else ".png", img), (".txt", txt)):
+                info = tarfile.TarInfo(key + ext)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    ds = data.WebDataset(str(shard), image_size=16)
+    collate = data.Collate(load_bert_tokenizer(offline_paths()[0]))
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate))
+    skipped = sum(b["skipped"] for b in batches)
+    kept = [c for b in batches for c in b.get("captions", [])]
+    assert skipped == 5, kept  # truncated, 0-byte, 1x1, empty caption, non-UTF-8 caption
+    assert kept == ["a red square", "cmyk", "16 bit", "palette", "rgba", "grey"]
+    pix = torch.cat([b["pixel_values"] for b in batches if "pixel_values" in b])
+    assert pix.shape == (6, 3, 16, 16) and pix.min() >= -1 and pix.max() <= 1
+
+
+def test_folder_dataset_and_exif(tmp_path):
+    img = Image.new("RGB", (30, 10), (0, 200, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90": the stored 30x10 image is really 10x30
+    img.save(tmp_path / "a.jpg", exif=exif)
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "a.jpg", "caption": "green"}) + "\n"
+                                             + json.dumps({"image": "missing.jpg", "caption": "x"}) + "\n")
+    ds = data.FolderDataset(str(tmp_path), image_size=8)
+    assert ds[0][1] == "green" and ds[1] is None
+    assert Image.open(tmp_path / "a.jpg").size == (30, 10)
+    from PIL import ImageOps
+    assert ImageOps.exif_transpose(Image.open(tmp_path / "a.jpg")).size == (10, 30)
+
+
+def test_pick_shards_from_listing():
+    listing = [{"path": "cc3m-train-0001.tar"}, {"path": "cc3m-validation-0000.tar"}, {"path": "README.md"},
+               {"path": "cc3m-train-0000.tar"}]
+    assert data.pick_shards(listing) == ["cc3m-train-0000.tar", "cc3m-train-0001.tar"]
+
+
+def test_feature_cache_round_trip(tmp_path):
+    ds = data.ShapesDataset("train", 6, 16)
+    cache = data.FeatureCache(ds, str(tmp_path / "c"), tokens=3, width=4)
+    assert cache[2][0].shape == (3, 16, 16)  # not cached yet: pixels
+    cache.put(torch.tensor([2]), torch.ones(1, 3, 4))
+    x, cap, key, i = cache[2]
+    assert x.shape == (3, 4) and torch.all(x == 1) and (cap, key) == ds.caption_and_key(2) and i == 2
+
+
+def test_bleu_cider_match_pycocoevalcap():
+    hyps = ["a red circle on the left", "two shapes: a blue square above a small red circle", "a green thing"]
+    refs = [["a large red circle on the left", "one large red circle on the left"],
+            ["a small blue square above a small red circle", "two shapes, a blue square above a red circle"],
+            ["a single large green diamond at the top", "one green diamond at the top"]]
+    b, c = metrics.bleu4(hyps, refs), metrics.cider_d(hyps, refs)
+    assert 0 < b < 1 and c > 0
+    assert metrics.bleu4(refs[0][:1], [refs[0][:1]]) == pytest.approx(1.0)
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider  # coco-caption's "CIDEr" is CIDEr-D (clipping, length penalty)
+    hyps = [" ".join(metrics.tokenize(h)) for h in hyps]  # the reference scorers expect tokenized text
+    refs = [[" ".join(metrics.tokenize(r)) for r in rs] for rs in refs]
+    gts, res = {i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}
+    assert metrics.bleu4(hyps, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-6)
+    assert metrics.cider_d(hyps, refs) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-6)

@@ -1,0 +1,404 @@
+"""
+Image-caption data: the built-in `shapes` set (rendered on the fly, for offline runs and tests), WebDataset tar
+shards as img2dataset writes them, a plain folder with captions.jsonl / .tsv, and a downloader for Conceptual
+Captions shards. Every source yields (pixels, caption, key); a sample that cannot be read becomes None and is
+counted by the collate function, so one bad file never stops a run.
+"""
+import glob
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+# -----------------------------------------------------------------------------------------------------------
+# preprocessing, as google/vit-base-patch16-224's image processor: RGB, resize (bilinear), mean = std = 0.5
+
+
+def to_pixels(img, image_size):
+    img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before RGB
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / (256.0 if img.mode != "I" else 65536.0))
+                              .clip(0, 255).astype(np.uint8))
+    if img.mode == "P" or img.mode == "RGBA" or img.mode == "LA":
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent areas become white, not black
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+def decode_sample(image_bytes, caption_bytes, image_size):
+    """(pixels, caption) or None when either part is unusable."""
+    try:
+        caption = caption_bytes.decode("utf-8").strip() if isinstance(caption_bytes, bytes) else caption_bytes
+        if not caption:
+            return None
+        img = Image.open(io.BytesIO(image_bytes))
+        img.load()
+        if min(img.size) < 2:
+            return None
+        return to_pixels(img, image_size), caption
+    except Exception:  # truncated, not an image, bad encoding...: skip it, the collate counts it
+        return None
+
+# -----------------------------------------------------------------------------------------------------------
+# built-in shapes data
+
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 225), "yellow": (240, 215, 30),
+           "purple": (140, 55, 190), "orange": (245, 135, 25)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": 0.2, "large": 0.34}  # side as a fraction of the image
+BACKGROUNDS = [(235, 235, 235), (200, 200, 200), (120, 120, 120), (60, 60, 60), (235, 225, 200), (200, 220, 235)]
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def shape_scene(seed, index):
+    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y)."""
+    rng = random.Random(f"shapes:{seed}:{index}")
+    n = rng.choice((1, 2, 3))
+    objects = []
+    while len(objects) < n:
+        size = rng.choice(list(SIZES))
+        r = SIZES[size] / 2
+        x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
+        if all(max(abs(x - o[3]), abs(y - o[4])) > r + SIZES[o[0]] / 2 + 0.03 for o in objects):
+            objects.append((size, rng.choice(list(COLOURS)), rng.choice(SHAPES), x, y))
+    return {"background": rng.choice(BACKGROUNDS), "objects": objects, "rng": rng}
+
+
+def relation(a, b):
+    """Where a is relative to b, along the axis where they are further apart (image y grows downwards)."""
+    dx, dy = a[3] - b[3], a[4] - b[4]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def region(o):
+    dx, dy = o[3] - 0.5, o[4] - 0.5
+    if max(abs(dx), abs(dy)) < 0.15:
+        return "in the middle"
+    if abs(dx) >= abs(dy):
+        return "on the left" if dx < 0 else "on the right"
+    return "at the top" if dy < 0 else "at the bottom"
+
+
+def canonical(scene):
+    """What a caption of this scene must say; captions of scenes with the same canonical content are equivalent."""
+    objs = scene["objects"]
+    names = [f"{o[0]} {o[1]} {o[2]}" for o in objs]
+    if len(objs) == 1:
+        return f"1|{names[0]}|{region(objs[0])}"
+    if len(objs) == 2:
+        a, b = sorted(range(2), key=lambda i: names[i])
+        return f"2|{names[a]}|{relation(objs[a], objs[b])}|{names[b]}"
+    order = sorted(range(3), key=lambda i: objs[i][3])
+    return "3|" + "|".join(names[i] for i in order)
+
+
+def shape_caption(scene):
+    rng, objs = scene["rng"], scene["objects"]
+    name = [f"{o[0]} {o[1]} {o[2]}" for o in objs]
+    if len(objs) == 1:
+        where = region(objs[0])
+        return rng.choice([f"a {name[0]} {where}", f"one {name[0]} {where}", f"there is one {name[0]} {where}",
+                           f"a single {name[0]} {where}"])
+    if len(objs) == 2:
+        i, j = (0, 1) if rng.random() < 0.5 else (1, 0)
+        rel = relation(objs[i], objs[j])
+        rel_words = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+        return rng.choice([f"a {name[i]} {rel_words[rel]} a {name[j]}",
+                           f"two shapes: a {name[i]} {rel_words[rel]} a {name[j]}",
+                           f"there are two shapes, a {name[i]} {rel_words[rel]} a {name[j]}"])
+    order = sorted(range(3), key=lambda k: objs[k][3])
+    listed = f"a {name[order[0]]}, a {name[order[1]]} and a {name[order[2]]}"
+    return rng.choice([f"three shapes, from left to right: {listed}", f"from left to right, three shapes: {listed}",
+                       f"there are three shapes: {listed}, from left to right"])
+
+
+def render_scene(scene, image_size):
+    s = 4 * image_size  # draw large, then downsample: anti-aliased edges at any size
+    rng = scene["rng"]
+    bg = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in scene["background"])
+    img = Image.new("RGB", (s, s), bg)
+    draw = ImageDraw.Draw(img)
+    for size, colour, shape, x, y in scene["objects"]:
+        r = SIZES[size] * s / 2
+        cx, cy = x * s, y * s
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":
+            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+    return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+def make_shape_example(seed: int, index: int, image_size: int):
+    """(PIL image, caption) for shapes example `index` of split `seed`; the same arguments give the same pair."""
+    scene = shape_scene(seed, index)
+    caption = shape_caption(scene)  # the caption draws from scene["rng"] before rendering does: keep this order
+    return render_scene(scene, image_size), caption
+
+
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # disjoint images per split
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    def __init__(self, split="train", length=10**9, image_size=64):
+        self.seed, self.length, self.image_size = SPLIT_SEEDS[split], length, image_size
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        img, caption = make_shape_example(self.seed, index, self.image_size)
+        return to_pixels(img, self.image_size), caption, canonical(shape_scene(self.seed, index)), index
+
+    def caption_and_key(self, index):  # without rendering: what the feature cache needs
+        scene = shape_scene(self.seed, index)
+        return shape_caption(scene), canonical(shape_scene(self.seed, index))
+
+# -----------------------------------------------------------------------------------------------------------
+# real data: WebDataset shards (streamed) and a folder of images with a captions file
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+def expand_shards(spec):
+    """'a.tar,b.tar', 'dir/*.tar', or a list -> sorted list of existing shard paths."""
+    parts = spec if isinstance(spec, (list, tuple)) else spec.split(",")
+    paths = []
+    for p in parts:
+        hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+        paths += [h for h in hits if os.path.isfile(h)]
+        if not hits or not all(os.path.isfile(h) for h in hits):
+            raise FileNotFoundError(f"no shard matches '{p}'")
+    return paths
+
+
+def iter_tar(path):
+    """Group a tar's members by key (the name up to the first dot of its basename): {ext: bytes} per sample."""
+    current, parts = None, {}
+    try:
+        with tarfile.open(path, "r|*") as tar:  # streaming mode: no extraction, no seeking
+            for m in tar:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                key, _, ext = base.partition(".")
+                key = f"{d}/{key}" if d else key
+                if key != current and current is not None:
+                    yield current, parts
+                    parts = {}
+                current = key
+                parts[ext.lower()] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        print(f"warning: {path} ends early ({e}); samples after that point are skipped", file=sys.stderr)
+    if current is not None:
+        yield current, parts
+
+
+class WebDataset(torch.utils.data.IterableDataset):
+    """Streams (pixels, caption, key) from img2dataset shards, split across DataLoader workers and DDP ranks."""
+
+    def __init__(self, shards, image_size=224, rank=0, world_size=1, max_samples=None, skip=0):
+        self.shards, self.image_size = expand_shards(shards), image_size
+        self.rank, self.world_size, self.max_samples, self.skip = rank, world_size, max_samples, skip
+        self.resume_skip = 0  # set by the training loop: samples already consumed before a resume
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * nw + wid, self.world_size * nw
+        n = 0
+        for path in self.shards:
+            for key, parts in iter_tar(path):
+                n += 1
+                if self.max_samples and n > self.max_samples:
+                    return
+                if n <= self.skip + self.resume_skip or (n - 1) % slots != slot:  # every sample goes to exactly one worker
+                    continue
+                img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                if img is None or "txt" not in parts:
+                    yield None
+                    continue
+                s = decode_sample(img, parts["txt"], self.image_size)
+                yield None if s is None else (*s, s[1], n - 1)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A folder with captions.jsonl ({"image": path, "caption": text} per line) or captions.tsv (path<TAB>text)."""
+
+    def __init__(self, root, image_size=224):
+        self.root, self.image_size, self.items = root, image_size, []
+        jl, tsv = os.path.join(root, "captions.jsonl"), os.path.join(root, "captions.tsv")
+        if os.path.exists(jl):
+            for line in open(jl, encoding="utf-8", errors="replace"):
+                if line.strip():
+                    d = json.loads(line)
+                    self.items.append((d.get("image") or d.get("file_name"), d.get("caption") or d.get("text", "")))
+        elif os.path.exists(tsv):
+            for line in open(tsv, encoding="utf-8", errors="replace"):
+                if "\t" in line:
+                    self.items.append(tuple(line.rstrip("\n").split("\t", 1)))
+        else:
+            raise FileNotFoundError(f"{root} has neither captions.jsonl nor captions.tsv")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, caption = self.items[i]
+        try:
+            with open(os.path.join(self.root, path), "rb") as f:
+                s = decode_sample(f.read(), caption, self.image_size)
+        except OSError:
+            return None
+        return None if s is None else (*s, s[1], i)
+
+    def caption_and_key(self, i):
+        return self.items[i][1], self.items[i][1]
+
+# -----------------------------------------------------------------------------------------------------------
+# batching
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Indices of micro-batch `start`, `start`+1, ... forever: one seeded permutation per epoch, each global
+    batch split across DDP ranks. Resuming at a step is exact and costs nothing (no samples are read)."""
+
+    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0):
+        self.n, self.b, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        assert n >= batch_size * world, f"dataset of {n} is smaller than one global batch ({batch_size * world})"
+
+    def __iter__(self):
+        per_epoch, m, epoch, perm = self.n // (self.b * self.world), self.start, None, None
+        while True:
+            e, k = divmod(m, per_epoch)
+            if e != epoch:
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+            lo = (k * self.world + self.rank) * self.b
+            yield from perm[lo:lo + self.b].tolist()
+            m += 1
+
+
+class FeatureCache(torch.utils.data.Dataset):
+    """Wraps a map-style dataset: once the frozen ViT's output for index i is stored (float16 memmap on disk),
+    item i is served from it instead of decoding and encoding the image again."""
+
+    def __init__(self, dataset, path, tokens, width):
+        self.ds, n = dataset, len(dataset)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        new = not os.path.exists(path + ".filled")
+        self.feats = np.lib.format.open_memmap(path + ".npy", mode="w+" if new else "r+", dtype=np.float16,
+                                               shape=(n, tokens, width))
+        self.filled = np.lib.format.open_memmap(path + ".filled", mode="w+" if new else "r+", dtype=np.uint8,
+                                                shape=(n,))
+        assert self.feats.shape == (n, tokens, width), f"{path}.npy was made for another dataset or ViT"
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if self.filled[i]:
+            caption, key = self.ds.caption_and_key(i)
+            return torch.from_numpy(np.array(self.feats[i])), caption, key, i
+        return self.ds[i]
+
+    def put(self, index, feats):
+        f = feats.detach().to("cpu", torch.float16).numpy()
+        for j, i in enumerate(index.tolist()):
+            self.feats[i] = f[j]
+            self.filled[i] = 1
+
+
+class Collate:
+    """Stacks images, tokenizes captions (BERT tokenizer: [CLS] ... [SEP], padded), drops and counts bad samples."""
+
+    def __init__(self, tokenizer, max_len=32, pad_id=0):
+        self.tok, self.max_len, self.pad_id = tokenizer, max_len, pad_id
+
+    def __call__(self, samples):
+        good = [s for s in samples if s is not None]
+        batch = {"skipped": len(samples) - len(good)}
+        if not good:
+            return batch
+        if all(s[0].dim() == 3 for s in good):
+            batch["pixel_values"] = torch.stack([s[0] for s in good])
+        else:  # some (or all) came from the feature cache: [tokens, width] instead of [3, H, W]
+            batch["images"] = [s[0] for s in good]
+        batch["captions"] = [s[1] for s in good]
+        batch["keys"] = [s[2] for s in good]
+        batch["key_ids"] = torch.tensor([zlib.crc32(k.encode()) for k in batch["keys"]], dtype=torch.long)
+        batch["index"] = torch.tensor([s[3] for s in good])
+        if self.tok is not None:
+            enc = [e.ids[:self.max_len - 1] + e.ids[-1:] if len(e.ids) > self.max_len else e.ids
+                   for e in self.tok.encode_batch(batch["captions"])]
+            T = max(len(e) for e in enc)
+            batch["input_ids"] = torch.tensor([e + [self.pad_id] * (T - len(e)) for e in enc])
+            batch["attention_mask"] = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in enc])
+        return batch
+
+# -----------------------------------------------------------------------------------------------------------
+# Conceptual Captions, as WebDataset shards from the hub's dataset storage
+
+
+def pick_shards(listing, split="train"):
+    """From a hub tree listing (list of {"path": ...}), the split's .tar shards in order."""
+    return sorted(e["path"] for e in listing if e.get("path", "").endswith(".tar") and split in
+                  os.path.basename(e["path"]))
+
+
+def download_cc3m(out_dir, n_pairs=50_000, repo="pixparse/cc3m-wds", revision="main"):
+    """Fetch enough shards of `repo` for n_pairs image-caption pairs (resumable; reuses what is there).
+    Returns the shard paths. Needs network: a clear error says so otherwise."""
+    import urllib.error
+    from load_weights import _request, hub_file
+    marker = os.path.join(out_dir, "shards.json")
+    if os.path.exists(marker):
+        return json.load(open(marker))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        with _request(f"{endpoint}/api/datasets/{repo}/tree/{revision}?recursive=true") as r:
+            shards = pick_shards(json.load(r))
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"cannot list {repo} on the hub ({e}). No network? Use --preset shapes, or pass "
+                              "local shards with --data 'dir/*.tar' or a folder with captions.jsonl.") from None
+    if not shards:
+        raise FileNotFoundError(f"{repo} has no train .tar shards")
+    os.makedirs(out_dir, exist_ok=True)
+    paths, total = [], 0
+    for s in shards:
+        p = hub_file(repo, s, repo_type="dataset", revision=revision)
+        paths.append(p)
+        total += sum(1 for _, parts in iter_tar(p) if "txt" in parts)
+        print(f"cc3m: {total:,}/{n_pairs:,} pairs in {len(paths)} shards", file=sys.stderr)
+        if total >= n_pairs:
+            break
+    json.dump(paths, open(marker, "w"))
+    return paths
+
+
+def reference_captions(seed, index, k=5):
+    """The training caption of a shapes image plus k-1 other phrasings of the same scene (for BLEU / CIDEr)."""
+    scene = shape_scene(seed, index)
+    refs = [shape_caption(scene)]
+    for j in range(1, k):
+        scene["rng"] = random.Random(f"ref:{seed}:{index}:{j}")
+        refs.append(shape_caption(scene))
+    return refs

@@ -1,0 +1,358 @@
+"""
+Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and ITG objectives; the ViT is frozen.
+
+    python train_qformer.py                      # the recipe: ViT-B/16 + bert-base-uncased on 50k CC3M pairs
+    python train_qformer.py --preset shapes      # offline: built-in shapes data, MiniLM BERT, small ViT, CPU
+    torchrun --nproc_per_node 8 train_qformer.py # DDP
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from load_weights import load_bert_tokenizer, load_qformer, load_vit, offline_paths, read_config
+from model import ViT, ViTConfig
+from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
+from trainer import Env, load_checkpoint, make_optimizer, parse_config, train
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: Q-Former pre-training (ITC + ITM + ITG)."""
+    preset: str = ""
+    out_dir: str = "out/qformer"
+    resume: bool = False
+    # models
+    vit: str = "google/vit-base-patch16-224"  # folder or HF id; "random" = a fresh ViT of the vit_* sizes below
+    vit_patch_size: int = 16
+    vit_hidden_size: int = 768
+    vit_layers: int = 12
+    vit_heads: int = 12
+    train_vit: bool = False
+    bert: str = "bert-base-uncased"           # folder or HF id; "minilm" = the pip-installed all-MiniLM-L6-v2
+    bert_layers: int = 0                      # >0: keep only the first N layers of the BERT (cheaper)
+    text_pooling: str = "cls"                 # ITC text feature: cls (BLIP-2) or mean (sentence-embedding BERTs)
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    dropout: float = 0.1
+    # data
+    data: str = "cc3m"          # cc3m (downloaded), shapes, 'dir/*.tar' shards, or a folder with captions.jsonl
+    data_dir: str = "data/cc3m"
+    n_pairs: int = 50_000
+    n_train: int = 200_000      # shapes: size of the training set (an epoch)
+    val_data: str = ""          # default: held out from --data
+    image_size: int = 224
+    max_text_len: int = 32
+    num_workers: int = 4
+    cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
+    # objectives and optimisation
+    losses: str = "itc,itm,itg"
+    batch_size: int = 64
+    grad_accum: int = 1
+    max_steps: int = 10_000
+    halt_at: int = 0            # stop (with a checkpoint) at this step as if killed; the schedule still ends at max_steps
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    # evaluation and logging
+    eval_interval: int = 1000
+    eval_samples: int = 1000
+    itm_rerank_k: int = 16
+    log_interval: int = 20
+    # system
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+
+
+PRESETS = {
+    # Offline, 2 CPU cores, ~5 minutes. No pretrained ViT can be installed here, so the ViT is a small random
+    # one and it trains along with the Q-Former (README: frozen vs trained, measured).
+    "shapes": dict(vit="random", vit_patch_size=8, vit_hidden_size=160, vit_layers=3, vit_heads=4, train_vit=True,
+                   bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1, num_query_tokens=16,
+                   losses="itc", data="shapes", image_size=64, batch_size=64, max_steps=150, warmup_steps=10,
+                   lr=3e-4, min_lr=3e-5, eval_interval=75, eval_samples=1000, itm_rerank_k=8, log_interval=10,
+                   num_workers=0, dropout=0.0, out_dir="out/shapes-qformer"),
+    # a few-second configuration for tests
+    "tiny": dict(vit="random", vit_patch_size=8, vit_hidden_size=32, vit_layers=1, vit_heads=2, bert="minilm",
+                 bert_layers=1,
+                 data="shapes", image_size=32, batch_size=8, max_steps=4, warmup_steps=1, eval_interval=2,
+                 eval_samples=32, itm_rerank_k=4, log_interval=1, num_workers=0, dropout=0.0, num_query_tokens=4,
+                 n_train=64, out_dir="out/tiny-qformer"),
+}
+
+
+class Stage1(nn.Module):
+    """ViT + Q-Former as one module, so DDP sees one forward."""
+
+    def __init__(self, vit, qformer, train_vit):
+        super().__init__()
+        self.vit, self.qformer, self.train_vit = vit, qformer, train_vit
+        vit.requires_grad_(train_vit)
+
+    def image_features(self, batch, cache=None):
+        """ViT output for the batch, from the feature cache where it has them (and filling it where not)."""
+        dev = self.qformer.query_tokens.device
+        if "pixel_values" in batch:
+            pix = batch["pixel_values"].to(dev, non_blocking=True)
+            with torch.set_grad_enabled(self.train_vit and self.training):
+                feats = self.vit(pix)
+            if cache is not None:
+                cache.put(batch["index"], feats)
+            return feats
+        imgs = batch["images"]
+        need = [i for i, x in enumerate(imgs) if x.dim() == 3]
+        out = [x.to(dev) for x in imgs]
+        if need:
+            with torch.no_grad():
+                feats = self.vit(torch.stack([imgs[i] for i in need]).to(dev))
+            for j, i in enumerate(need):
+                out[i] = feats[j]
+            if cache is not None:
+                cache.put(batch["index"][need], feats)
+        return torch.stack([x.to(out[need[0]].dtype if need else x.dtype) for x in out])
+
+    def forward(self, batch, losses, env=None, generator=None, cache=None):
+        dev = self.qformer.query_tokens.device
+        feats = self.image_features(batch, cache)
+        return stage1_losses(self.qformer, feats, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                             batch["key_ids"].to(dev), losses, env, generator)
+
+# -----------------------------------------------------------------------------------------------------------
+# building things
+
+
+def build_models(cfg):
+    if cfg.vit == "random":
+        vit = ViT(ViTConfig(image_size=cfg.image_size, patch_size=cfg.vit_patch_size, hidden_size=cfg.vit_hidden_size,
+                            num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
+                            intermediate_size=4 * cfg.vit_hidden_size))
+    else:
+        vit = load_vit(cfg.vit)
+    bert = offline_paths()[0] if cfg.bert == "minilm" else cfg.bert
+    qformer = load_qformer(bert, vit.config.hidden_size, cfg.num_query_tokens, cfg.cross_attention_freq,
+                           cfg.bert_layers, hidden_dropout_prob=cfg.dropout, text_pooling=cfg.text_pooling)
+    return vit, qformer, load_bert_tokenizer(bert), bert
+
+
+def build_dataset(cfg, split, env=None):
+    """(dataset, is_map_style) for 'train' or 'val'."""
+    src = cfg.val_data if split == "val" and cfg.val_data else cfg.data
+    rank, world = (env.rank, env.world) if env else (0, 1)
+    if src == "shapes":
+        n = cfg.n_train if split == "train" else cfg.eval_samples
+        return data.ShapesDataset(split, n, cfg.image_size), True
+    if src == "cc3m":
+        src = data.download_cc3m(cfg.data_dir, cfg.n_pairs) if env is None or env.is_main else None
+        if env is not None and env.world > 1:
+            torch.distributed.barrier()
+            src = data.download_cc3m(cfg.data_dir, cfg.n_pairs)
+    if isinstance(src, list) or src.endswith(".tar") or "*" in src or "," in src:
+        shards = data.expand_shards(src)
+        if split == "val" and not cfg.val_data:  # hold out the last shard (or the first eval_samples of one)
+            return data.WebDataset(shards[-1:], cfg.image_size, max_samples=cfg.eval_samples), False
+        train_shards = shards[:-1] if len(shards) > 1 and not cfg.val_data else shards
+        skip = cfg.eval_samples if len(shards) == 1 and not cfg.val_data else 0
+        return data.WebDataset(train_shards, cfg.image_size, rank, world, skip=skip), False
+    ds = data.FolderDataset(src, cfg.image_size)
+    if cfg.val_data:
+        return ds, True
+    n_val = min(cfg.eval_samples, len(ds) // 10)
+    idx = range(len(ds) - n_val, len(ds)) if split == "val" else range(len(ds) - n_val)
+    sub = torch.utils.data.Subset(ds, list(idx))
+    sub.caption_and_key = lambda i: ds.caption_and_key(idx[i])
+    return sub, True
+
+
+def train_batches(cfg, ds, map_style, collate, env, start_micro):
+    """An endless iterator of micro-batches, positioned at micro-batch `start_micro` (exact resume)."""
+    kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
+              pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    if map_style:
+        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro)
+        yield from torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
+    skip = start_micro * cfg.batch_size * env.world
+    while True:  # streams: one pass per epoch; on resume skip what was consumed (reads, but exact)
+        ds.resume_skip = skip
+        for b in torch.utils.data.DataLoader(ds, **kw):
+            yield b
+        skip = 0
+
+
+def eval_batches(cfg, ds, collate):
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=0)
+
+# -----------------------------------------------------------------------------------------------------------
+# evaluation: retrieval R@K both ways (a hit = a caption with the same canonical content), ITM, ITG
+
+
+def recall_at(sim, correct, ks=(1, 5, 10)):
+    top = sim.topk(max(ks), dim=1).indices
+    hits = correct.gather(1, top)
+    return {k: hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def evaluate(cfg, model, ds, collate, env):
+    qf, losses = model.qformer, cfg.losses.split(",")
+    img_feats, txt_feats, embeds, ids, masks, keys, itg = [], [], [], [], [], [], []
+    for batch in eval_batches(cfg, ds, collate):
+        if "captions" not in batch:
+            continue
+        with env.autocast():
+            feats = model.image_features(batch)
+            i_, m_ = batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device)
+            img_feats.append(qf.image_feature(feats).float())
+            txt_feats.append(qf.text_feature(i_, m_).float())
+            if "itg" in losses:
+                itg.append(stage1_losses(qf, feats, i_, m_, batch["key_ids"].to(env.device), ("itg",))["itg"])
+        embeds.append(feats)
+        ids += list(i_)
+        masks += list(m_)
+        keys += batch["keys"]
+    img, txt = torch.cat(img_feats), torch.cat(txt_feats)
+    sim = itc_similarity(img, txt)  # [images, texts]
+    uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    kid = torch.tensor([uniq[k] for k in keys], device=sim.device)
+    correct = kid[:, None] == kid[None]
+    n = len(keys)
+    m = {"n_eval": n}
+    for name, s in (("i2t", sim), ("t2i", sim.t())):
+        for k, v in recall_at(s, correct).items():
+            m[f"{name}_r{k}"] = v
+    p = correct.float().mean(1)  # chance: a random ranking's R@K
+    m["chance_r1"], m["chance_r5"] = p.mean().item(), (1 - (1 - p) ** 5).mean().item()
+    if "itm" in losses:
+        emb = torch.cat(embeds)
+        T = max(len(x) for x in ids)
+        pad = lambda xs: torch.stack([F.pad(x, (0, T - len(x))) for x in xs])
+        ids_t, mask_t = pad(ids), pad(masks)
+
+        def itm_score(ii, tt):
+            out = []
+            for s in range(0, len(ii), 256):
+                with env.autocast():
+                    out.append(qf.itm_logits(emb[ii[s:s + 256]], ids_t[tt[s:s + 256]], mask_t[tt[s:s + 256]])
+                               .float().softmax(-1)[:, 1])
+            return torch.cat(out)
+        g = torch.Generator().manual_seed(0)
+        neg = torch.randint(0, n, (n,), generator=g).to(sim.device)
+        keep = ~correct[torch.arange(n, device=sim.device), neg]
+        pos_s, neg_s = itm_score(torch.arange(n), torch.arange(n)), itm_score(torch.arange(n), neg)
+        m["itm_acc"] = torch.cat([(pos_s > 0.5).float(), (neg_s[keep] <= 0.5).float()]).mean().item()
+        k = cfg.itm_rerank_k
+        for name, s, corr in (("i2t", sim, correct), ("t2i", sim.t(), correct.t())):
+            top = s.topk(k, dim=1).indices  # re-rank ITC's top-k by ITM, the rest keep ITC's order
+            rows = torch.arange(n).repeat_interleave(k)
+            ii, tt = (rows, top.flatten().cpu()) if name == "i2t" else (top.flatten().cpu(), rows)
+            score = itm_score(ii, tt).view(n, k)
+            order = top.gather(1, score.argsort(dim=1, descending=True))
+            hits = corr.gather(1, order)
+            for kk in (1, 5):
+                m[f"{name}_itm_r{kk}"] = hits[:, :kk].any(1).float().mean().item()
+    if itg:
+        m["itg_loss"] = torch.stack(itg).mean().item()
+    m["score"] = (m["i2t_r1"] + m["t2i_r1"]) / 2  # what "best" means
+    return m
+
+# -----------------------------------------------------------------------------------------------------------
+# saving and loading a stage-1 result
+
+
+def stage1_config_json(cfg, vit, qformer, bert_src):
+    return {"stage": 1, "train_config": asdict(cfg), "vit_config": asdict(vit.config),
+            "qformer_config": asdict(qformer.config), "bert": os.path.abspath(bert_src) if os.path.isdir(bert_src)
+            else bert_src, "vit": cfg.vit, "vit_weights_saved": cfg.vit == "random" or cfg.train_vit,
+            "image_size": cfg.image_size}
+
+
+def load_stage1(folder, weights="best.safetensors"):
+    """-> (vit, qformer, bert tokenizer, meta) rebuilt from a stage-1 output folder."""
+    from safetensors.torch import load_file
+    from load_weights import load_strict
+    meta = json.load(open(os.path.join(folder, "config.json")))
+    path = os.path.join(folder, weights)
+    if not os.path.exists(path):
+        path = os.path.join(folder, "model.safetensors")
+    sd = load_file(path)
+    qformer = load_strict(QFormer(QFormerConfig(**meta["qformer_config"])),
+                          {k[len("qformer."):]: v for k, v in sd.items() if k.startswith("qformer.")}, path)
+    if meta["vit_weights_saved"]:
+        vit = load_strict(ViT(ViTConfig(**meta["vit_config"])),
+                          {k[len("vit."):]: v for k, v in sd.items() if k.startswith("vit.")}, path)
+    else:
+        vit = load_vit(meta["vit"])
+    return vit, qformer, load_bert_tokenizer(meta["bert"]), meta
+
+
+def main(argv=None):
+    cfg = parse_config(Stage1Config, PRESETS, argv)
+    env = Env(cfg.device, cfg.dtype, cfg.seed)
+    losses = [x for x in cfg.losses.split(",") if x]
+    assert losses and set(losses) <= {"itc", "itm", "itg"}, f"--losses takes a subset of itc,itm,itg: {cfg.losses}"
+    vit, qformer, tok, bert_src = build_models(cfg)
+    model = Stage1(vit, qformer, cfg.train_vit).to(env.device)
+    env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M ({'trained' if cfg.train_vit else 'frozen'}),"
+              f" Q-Former {sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, "
+              f"device {env.device} {env.dtype}, {env.world} process(es)")
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay,
+                               env.device)
+    start, best = 0, None
+    if cfg.resume:
+        sd, start, extra = load_checkpoint(cfg.out_dir, optimizer)
+        model.load_state_dict(sd, strict=not (cfg.vit != "random" and not cfg.train_vit))
+        best = extra.get("best")
+        env.print(f"resumed from {cfg.out_dir} at step {start}")
+    if env.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(stage1_config_json(cfg, vit, qformer, bert_src), f, indent=2)
+    collate = data.Collate(tok, cfg.max_text_len)
+    train_ds, map_style = build_dataset(cfg, "train", env)
+    val_ds, _ = build_dataset(cfg, "val", env)
+    cache = None
+    if cfg.cache_features:
+        assert map_style and not cfg.train_vit, "--cache_features needs a map-style dataset and a frozen ViT"
+        n_tok = (cfg.image_size // vit.config.patch_size) ** 2 + 1
+        cache = train_ds = data.FeatureCache(train_ds, os.path.join(cfg.out_dir, "vit_cache"), n_tok,
+                                             vit.config.hidden_size)
+    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def step_fn(batch, ddp_model):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step_fn.micro)  # same ITM draw on every rank
+        step_fn.micro += 1
+        out = (ddp_model if env.world > 1 else fwd)(batch, losses, env, gen, cache)
+        return sum(out.values()), {k: v.detach() for k, v in out.items()}
+    step_fn.micro = start * cfg.grad_accum
+
+    def state_fn():
+        sd = model.state_dict()
+        return {k: v for k, v in sd.items() if k.startswith("qformer.") or stage1_config_json(
+            cfg, vit, qformer, bert_src)["vit_weights_saved"]}
+
+    t0 = time.time()
+    metrics, skipped = train(cfg, env, model, optimizer, batches, step_fn,
+                             lambda: evaluate(cfg, model, val_ds, collate, env), state_fn, start, best)
+    env.print(f"done in {(time.time() - t0) / 60:.1f} min; weights in {cfg.out_dir} (best.safetensors = best "
+              f"val R@1)")
+    if env.world > 1:
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ConnectionError, FloatingPointError, AssertionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,350 @@
+"""
+Stage 2: teach SmolLM2 to see. The stage-1 Q-Former's query outputs go through an MLP into the LM's embedding
+space, inside the user turn of a chat prompt; LoRA adapters on the LM and the MLP learn to caption (the Q-Former
+follows at a lower learning rate). The ViT and the LM's own weights stay frozen.
+
+    python train_vlm.py --lora_rank 8                                   # after python train_qformer.py
+    python train_vlm.py --preset shapes --qformer out/shapes-qformer    # offline, CPU
+"""
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import lora
+from load_weights import load_llm, offline_paths
+from metrics import bleu4, cider_d, shape_attribute_accuracy
+from trainer import Env, load_checkpoint, make_optimizer, parse_config, save_weights, train
+from train_qformer import build_dataset, load_stage1, train_batches
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+EOS_ID = 2  # <|im_end|> ends a turn (and is also SmolLM2's pad id: labels are set before padding, see below)
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful assistant that describes images.",
+                  "You describe pictures accurately and briefly."]
+USER_PROMPTS = ["What do you see in this image?", "Describe this image.", "What is in the picture?",
+                "Caption this image."]
+RETENTION_QUESTIONS = ["What is the capital of France?", "How many days are there in a week?",
+                       "What is the largest planet in the solar system?", "Who wrote Romeo and Juliet?"]
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: MLP projector + LoRA on SmolLM2 (+ the Q-Former at a lower learning rate)."""
+    preset: str = ""
+    out_dir: str = "out/vlm"
+    resume: bool = False
+    qformer: str = "out/qformer"       # a stage-1 output folder
+    llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # folder, HF id, .gguf; "gguf" = the pip-installed SmolLM2
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    freeze_qformer: bool = False
+    qformer_lr_scale: float = 0.1      # the Q-Former trains on at lr * this
+    merge: bool = False                # also write the LM with LoRA merged in, as safetensors
+    # data (as stage 1; image_size comes from the stage-1 run)
+    data: str = "cc3m"
+    data_dir: str = "data/cc3m"
+    n_pairs: int = 50_000
+    n_train: int = 200_000
+    val_data: str = ""
+    num_workers: int = 4
+    max_caption_tokens: int = 48
+    # optimisation
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 5000
+    halt_at: int = 0
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # evaluation
+    eval_interval: int = 1000
+    eval_samples: int = 200
+    max_new_tokens: int = 48
+    log_interval: int = 20
+    # system
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+
+
+PRESETS = {
+    "shapes": dict(qformer="out/shapes-qformer", llm="gguf", data="shapes", batch_size=8, max_steps=120,
+                   warmup_steps=10, lr=1e-3, min_lr=1e-4, eval_interval=120, eval_samples=100, log_interval=10,
+                   num_workers=0, lora_targets="q_proj,v_proj", lora_dropout=0.0, max_new_tokens=32,
+                   out_dir="out/shapes-vlm"),
+    "tiny": dict(qformer="out/tiny-qformer", llm="gguf", data="shapes", batch_size=2, max_steps=2, warmup_steps=1,
+                 eval_interval=2, eval_samples=4, log_interval=1, num_workers=0, max_new_tokens=4, n_train=16,
+                 out_dir="out/tiny-vlm"),
+}
+
+
+class VLM(nn.Module):
+    def __init__(self, vit, qformer, llm, tokenizer):
+        super().__init__()
+        self.vit, self.qformer, self.llm, self.tok = vit, qformer, llm, tokenizer
+        h, d = qformer.config.hidden_size, llm.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(h, d), nn.GELU(), nn.Linear(d, d))
+
+    def image_embeds(self, pixel_values):
+        """[B,3,H,W] -> [B, n_query, lm_hidden]: the LM's view of the image."""
+        with torch.no_grad():
+            feats = self.vit(pixel_values)
+        return self.projector(self.qformer.encode_image(feats))
+
+    def embed(self, input_ids, image_mask, img):
+        """Token embeddings with the image embeddings written into the placeholder positions."""
+        x = self.llm.model.embed_tokens(input_ids)
+        return x.masked_scatter(image_mask[..., None], img.to(x.dtype))
+
+    def forward(self, batch):
+        """Mean cross-entropy over caption tokens (and their closing <|im_end|>)."""
+        dev = self.projector[0].weight.device
+        ids, targets = batch["lm_ids"].to(dev), batch["targets"].to(dev)
+        x = self.embed(ids, batch["image_mask"].to(dev), self.image_embeds(batch["pixel_values"].to(dev)))
+        h = self.llm.hidden_states(inputs_embeds=x)  # right padding + causal attention: no mask needed
+        where = targets != -100
+        # the LM head only where there are labels: the 49152-wide logits elsewhere would be wasted work
+        logits = self.llm.lm_head(h[where])
+        return F.cross_entropy(logits.float(), targets[where])
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, prompts=None, system=None, **kw):
+        """Greedy/sampled replies for a batch (images optional: text-only chat when None). -> list of str."""
+        dev = self.projector[0].weight.device
+        n = len(pixel_values) if pixel_values is not None else len(prompts)
+        prompts = prompts or [USER_PROMPTS[0]] * n
+        n_img = self.qformer.config.num_query_tokens if pixel_values is not None else 0
+        # text-only chat keeps the LM's own default system prompt (the one its chat template inserts)
+        system = system or (SYSTEM_PROMPTS[0] if n_img else DEFAULT_SYSTEM)
+        rows = [prompt_ids(self.tok, system, p, n_img) for p in prompts]
+        T = max(len(r[0]) for r in rows)  # left-pad so every row's last token is the assistant header
+        ids = torch.tensor([[EOS_ID] * (T - len(r[0])) + r[0] for r in rows], device=dev)
+        img_mask = torch.tensor([[False] * (T - len(r[1])) + r[1] for r in rows], device=dev)
+        am = torch.tensor([[0] * (T - len(r[0])) + [1] * len(r[0]) for r in rows], device=dev)
+        if pixel_values is not None:
+            x = self.embed(ids, img_mask, self.image_embeds(pixel_values.to(dev)))
+        else:
+            x = self.llm.model.embed_tokens(ids)
+        out = self.llm.generate(inputs_embeds=x, attention_mask=am, eos_token_id=EOS_ID, **kw)
+        return [self.tok.decode([t for t in row if t != EOS_ID]).strip() for row in out.tolist()]
+
+# -----------------------------------------------------------------------------------------------------------
+# prompts and labels
+
+
+def prompt_ids(tok, system, user, n_image):
+    """Token ids of system + user turn (with n_image placeholders after the question) + assistant header,
+    and a parallel list marking the placeholder positions."""
+    head = tok.encode(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}\n").ids
+    tail = tok.encode(f"{IM_END}\n{IM_START}assistant\n").ids
+    ids = head + [0] * n_image + tail
+    return ids, [False] * len(head) + [True] * n_image + [False] * len(tail)
+
+
+class Stage2Collate:
+    """Builds chat sequences: random system and user prompt, image placeholders, caption + <|im_end|>.
+    targets[t] is the token to predict at position t (-100 = no loss): only the caption and its <|im_end|>.
+    Targets are made before padding, so padding with id 2 can never erase the real <|im_end|> label."""
+
+    def __init__(self, tok, n_image, max_caption_tokens, seed=0):
+        self.tok, self.n_image, self.max_cap = tok, n_image, max_caption_tokens
+        self.rng = random.Random(seed)
+
+    def __call__(self, samples):
+        good = [s for s in samples if s is not None]
+        batch = {"skipped": len(samples) - len(good)}
+        if not good:
+            return batch
+        seqs = []
+        for _, caption, _, index in good:
+            rng = random.Random(f"{self.rng.random()}")
+            ids, img = prompt_ids(self.tok, rng.choice(SYSTEM_PROMPTS), rng.choice(USER_PROMPTS), self.n_image)
+            cap = self.tok.encode(caption).ids[:self.max_cap] + [EOS_ID]
+            targets = [-100] * (len(ids) - 1) + cap + [-100]  # position t predicts token t+1
+            seqs.append((ids + cap, img + [False] * len(cap), targets))
+        T = max(len(s[0]) for s in seqs)
+        batch["lm_ids"] = torch.tensor([s[0] + [EOS_ID] * (T - len(s[0])) for s in seqs])
+        batch["image_mask"] = torch.tensor([s[1] + [False] * (T - len(s[1])) for s in seqs])
+        batch["targets"] = torch.tensor([s[2] + [-100] * (T - len(s[2])) for s in seqs])
+        batch["pixel_values"] = torch.stack([s[0] for s in good])
+        batch["captions"] = [s[1] for s in good]
+        batch["keys"] = [s[2] for s in good]
+        batch["index"] = torch.tensor([s[3] for s in good])
+        return batch
+
+# -----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def retention_probe(model, max_new_tokens=32):
+    return model.generate(prompts=RETENTION_QUESTIONS, max_new_tokens=max_new_tokens)
+
+
+@torch.no_grad()
+def evaluate(cfg, model, val_ds, env, shapes):
+    n = min(cfg.eval_samples, len(val_ds))
+    hyps, refs, idx = [], [], []
+    for s in range(0, n, 32):
+        items = [val_ds[i] for i in range(s, min(n, s + 32))]
+        items = [it for it in items if it is not None]
+        with env.autocast():
+            hyps += model.generate(torch.stack([it[0] for it in items]), max_new_tokens=cfg.max_new_tokens)
+        for it in items:
+            refs.append(data.reference_captions(data.SPLIT_SEEDS["val"], it[3]) if shapes else [it[1]])
+            idx.append(it[3])
+    m = {"n_eval": len(hyps), "bleu4": bleu4(hyps, refs), "cider_d": cider_d(hyps, refs)}
+    if shapes:
+        m.update(shape_attribute_accuracy(hyps, [data.shape_scene(data.SPLIT_SEEDS["val"], i) for i in idx]))
+    m["score"] = m.get("attr_mean", m["cider_d"])
+    evaluate.last_captions = list(zip(hyps, [r[0] for r in refs]))
+    return m
+
+# -----------------------------------------------------------------------------------------------------------
+# saving: a folder sample.py rebuilds the whole model from
+
+
+def export(cfg, model, meta, llm_src, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    lora.save_adapter(model.llm, os.path.join(out_dir, "adapter"), base_model_name_or_path=llm_src)
+    save_weights(os.path.join(out_dir, "projector.safetensors"), model.projector.state_dict())
+    save_weights(os.path.join(out_dir, "qformer.safetensors"), {
+        **{f"qformer.{k}": v for k, v in model.qformer.state_dict().items()},
+        **({f"vit.{k}": v for k, v in model.vit.state_dict().items()} if meta["vit_weights_saved"] else {})})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({"stage": 2, "train_config": asdict(cfg), "llm": llm_src, "stage1": meta,
+                   "image_size": meta["image_size"], "data_preset": cfg.preset or cfg.data,
+                   "num_query_tokens": model.qformer.config.num_query_tokens}, f, indent=2)
+    if cfg.merge:
+        lora.merge_lora(model.llm)
+        save_weights(os.path.join(out_dir, "merged_lm.safetensors"),
+                     {k: v for k, v in model.llm.state_dict().items() if "lora_" not in k})
+        lora.unmerge_lora(model.llm)
+
+
+def load_vlm(folder, device="cpu"):
+    """Rebuild the stage-2 model from an output folder (config.json + adapter/ + projector + qformer)."""
+    from load_weights import load_strict
+    from safetensors.torch import load_file
+    meta = json.load(open(os.path.join(folder, "config.json")))
+    llm_src = offline_paths()[1] if meta["llm"] == "gguf" else meta["llm"]
+    llm, tok = load_llm(llm_src)
+    lora.load_adapter(llm, os.path.join(folder, "adapter"))
+    tmp = os.path.join(folder, "qformer.safetensors")
+    vit, qformer, _, _ = load_stage1_from_file(meta["stage1"], tmp)
+    model = VLM(vit, qformer, llm, tok)
+    load_strict(model.projector, load_file(os.path.join(folder, "projector.safetensors")),
+                os.path.join(folder, "projector.safetensors"))
+    return model.to(device).eval(), meta
+
+
+def load_stage1_from_file(stage1_meta, path):
+    from load_weights import load_strict, load_vit
+    from model import ViT, ViTConfig
+    from qformer import QFormer, QFormerConfig
+    from safetensors.torch import load_file
+    sd = load_file(path)
+    qf = load_strict(QFormer(QFormerConfig(**stage1_meta["qformer_config"])),
+                     {k[8:]: v for k, v in sd.items() if k.startswith("qformer.")}, path)
+    if stage1_meta["vit_weights_saved"]:
+        vit = load_strict(ViT(ViTConfig(**stage1_meta["vit_config"])),
+                          {k[4:]: v for k, v in sd.items() if k.startswith("vit.")}, path)
+    else:
+        vit = load_vit(stage1_meta["vit"])
+    return vit, qf, None, stage1_meta
+
+
+def main(argv=None):
+    cfg = parse_config(Stage2Config, PRESETS, argv)
+    env = Env(cfg.device, cfg.dtype, cfg.seed)
+    if not os.path.exists(os.path.join(cfg.qformer, "config.json")):
+        raise FileNotFoundError(f"no stage-1 output in '{cfg.qformer}': run train_qformer.py first, or pass "
+                                "--qformer <its --out_dir>")
+    vit, qformer, _, meta = load_stage1(cfg.qformer)
+    llm_src = offline_paths()[1] if cfg.llm == "gguf" else cfg.llm
+    llm, tok = load_llm(llm_src)
+    model = VLM(vit, qformer, llm, tok).to(env.device)
+    model.vit.requires_grad_(False)
+    model.eval()
+    with env.autocast():
+        before = retention_probe(model)
+    lora.apply_lora(model.llm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    model.qformer.requires_grad_(not cfg.freeze_qformer)
+    model.llm.to(env.device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    env.print(f"stage 2: LM {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M (frozen, LoRA r={cfg.lora_rank} "
+              f"on {cfg.lora_targets}), {n_train / 1e6:.2f}M trainable, device {env.device} {env.dtype}")
+    scale = {p: cfg.qformer_lr_scale for p in model.qformer.parameters()}
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay,
+                               env.device, scale)
+    trainable = lambda: {k: v for k, v in model.state_dict().items()
+                         if k.startswith(("projector.", "qformer.")) or "lora_" in k}
+    start, best = 0, None
+    if cfg.resume:
+        sd, start, extra = load_checkpoint(cfg.out_dir, optimizer)
+        missing = set(trainable()) - set(sd)
+        assert not missing, f"checkpoint lacks {sorted(missing)[:5]}"
+        model.load_state_dict(sd, strict=False)
+        best = extra.get("best")
+    s1 = meta["train_config"]
+    dcfg = type("D", (), {**s1, **{k: getattr(cfg, k) for k in ("data", "data_dir", "n_pairs", "n_train",
+                                                                   "val_data", "batch_size", "num_workers")},
+                          "eval_samples": cfg.eval_samples, "image_size": meta["image_size"], "seed": cfg.seed})
+    train_ds, map_style = build_dataset(dcfg, "train", env)
+    val_ds, _ = build_dataset(dcfg, "val", env)
+    collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed)
+    batches = train_batches(dcfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+    model.vit.eval()
+
+    def step_fn(batch, ddp_model):
+        loss = (ddp_model if env.world > 1 else fwd)(batch)
+        return loss, {"caption": loss.detach()}
+
+    shapes = cfg.data == "shapes"
+    metrics, _ = train(cfg, env, model, optimizer, batches, step_fn,
+                       lambda: evaluate(cfg, model, val_ds, env, shapes), trainable, start, best)
+    if env.is_main:
+        model.eval()
+        export(cfg, model, meta, cfg.llm if cfg.llm == "gguf" else llm_src, cfg.out_dir)
+        with env.autocast():
+            after = retention_probe(model)
+            with lora.lora_disabled(model.llm):
+                base_again = retention_probe(model)
+        env.print("\ntext-only retention (no image), before -> after training:")
+        for q, b, a in zip(RETENTION_QUESTIONS, before, after):
+            env.print(f"  Q: {q}\n     before: {b}\n     after:  {a}")
+        env.print(f"  LoRA disabled reproduces the base model's answers: {base_again == before}")
+        env.print("\nheld-out captions (generated | reference):")
+        for h, r in getattr(evaluate, "last_captions", [])[:8]:
+            env.print(f"  {h}  |  {r}")
+        with open(os.path.join(cfg.out_dir, "retention.json"), "w") as f:
+            json.dump({"questions": RETENTION_QUESTIONS, "before": before, "after": after}, f, indent=2)
+        env.print(f"\nsaved to {cfg.out_dir}: adapter/ (peft layout), projector.safetensors, qformer.safetensors, "
+                  "config.json")
+    if env.world > 1:
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ConnectionError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
