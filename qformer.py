@@ -296,9 +296,10 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
         with torch.no_grad():
             neg_txt = hard_negatives(sim_i2t, same, generator, rank, world)
             neg_img = hard_negatives(sim_t2i, same, generator, rank, world)
+        pad = lambda x: F.pad(x, (0, all_ids.size(1) - x.size(1)))  # other processes' text may be longer
         imgs = torch.cat([image_embeds, image_embeds, all_img[neg_img]])
-        ids = torch.cat([input_ids, all_ids[neg_txt], input_ids])
-        mask = torch.cat([attention_mask, all_mask[neg_txt], attention_mask])
+        ids = torch.cat([pad(input_ids), all_ids[neg_txt], pad(input_ids)])
+        mask = torch.cat([pad(attention_mask), all_mask[neg_txt], pad(attention_mask)])
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
         # a drawn "negative" can only be a positive when the whole global batch shares one content
         labels[B:2 * B] = same.gather(1, neg_txt[:, None]).squeeze(1).long()

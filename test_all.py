@@ -486,9 +486,13 @@ def test_stage1_ddp_two_processes_equals_one(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    for a, b in zip([x for x in single if "itc" in x], [x for x in ddp if "itc" in x]):
+    rows = list(zip([x for x in single if "itc" in x], [x for x in ddp if "itc" in x]))
+    assert [a["step"] for a, _ in rows] == [1, 2]
+    for (a, b), tol in zip(rows, (1e-4, 1e-3)):
+        # step 1 is the same computation; step 2 follows one AdamW update, whose first step is ~lr*sign(grad):
+        # gradients that differ by float rounding (summed in another order across processes) move a little
         for k in ("itc", "itm", "itg"):
-            assert abs(a[k] - b[k]) < 1e-4, (k, a, b)
+            assert abs(a[k] - b[k]) <= tol * max(1.0, abs(a[k])), (k, a, b)
 
 
 def _img_bytes(img, fmt, **kw):
@@ -576,3 +580,99 @@ def test_bleu_cider_match_pycocoevalcap():
     gts, res = {i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}
     assert metrics.bleu4(hyps, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-6)
     assert metrics.cider_d(hyps, refs) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-6)
+
+# ---------------------------------------------------------------------------------------------------- stage 2
+import train_vlm
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from load_weights import gguf_tokenizer
+    from gguf import GGUFReader
+    return gguf_tokenizer(GGUFReader(offline_paths()[1]))
+
+
+def test_stage2_labels_only_caption_and_eos(smol_tok):
+    collate = train_vlm.Stage2Collate(smol_tok, n_image=4, max_caption_tokens=48)
+    samples = [(torch.zeros(3, 8, 8), "a red circle on the left", "k1", 0),
+               (torch.zeros(3, 8, 8), "two shapes: a small blue square above a large yellow diamond", "k2", 1)]
+    b = collate(samples)
+    for row in range(2):
+        ids, tgt = b["lm_ids"][row], b["targets"][row]
+        labelled = tgt[tgt != -100].tolist()
+        assert labelled == smol_tok.encode(samples[row][1]).ids + [2]  # the caption, then <|im_end|>
+        # targets[t] is ids[t+1] wherever there is a label (next-token prediction)
+        pos = (tgt != -100).nonzero().flatten()
+        assert torch.equal(ids[pos + 1], tgt[pos])
+    short = b["targets"][0]
+    assert (short == 2).sum() == 1 and (b["lm_ids"][0] == 2).sum() > 3  # padded with 2; one EOS label survives
+    # the 4 image placeholders sit inside the user turn, right after the question, before <|im_end|>
+    for row in range(2):
+        ids, img = b["lm_ids"][row].tolist(), b["image_mask"][row]
+        first = img.nonzero().flatten()
+        assert len(first) == 4 and (first.diff() == 1).all()
+        before = smol_tok.decode(ids[:first[0]], skip_special_tokens=False)
+        after = smol_tok.decode(ids[first[-1] + 1:first[-1] + 8], skip_special_tokens=False)
+        assert "<|im_start|>user\n" in before and before.rstrip().endswith(("?", "."))
+        assert after.startswith("<|im_end|>\n<|im_start|>assistant")
+
+
+def tiny_vlm(smol_tok):
+    torch.manual_seed(0)
+    qf = tiny_qformer()
+    from model import ViT, ViTConfig
+    vit = ViT(ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48))
+    llm = Llama(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    return train_vlm.VLM(vit, qf, llm, smol_tok).eval()
+
+
+def test_stage2_image_embeddings_land_in_place_and_loss(smol_tok):
+    m = tiny_vlm(smol_tok)
+    collate = train_vlm.Stage2Collate(smol_tok, n_image=m.qformer.config.num_query_tokens, max_caption_tokens=16)
+    b = collate([(torch.randn(3, 16, 16), "a red circle", "k", 0), (torch.randn(3, 16, 16), "two", "k", 1)])
+    img = m.image_embeds(b["pixel_values"])
+    x = m.embed(b["lm_ids"], b["image_mask"], img)
+    for row in range(2):
+        pos = b["image_mask"][row].nonzero().flatten()
+        assert torch.equal(x[row, pos], img[row])  # query i lands on placeholder i
+        text = ~b["image_mask"][row]
+        assert torch.equal(x[row, text], m.llm.model.embed_tokens(b["lm_ids"][row, text]))
+    loss = m(b)
+    loss.backward()
+    assert torch.isfinite(loss) and m.projector[0].weight.grad.abs().sum() > 0
+    # batched generation (left padding) == one by one, with images
+    out_b = m.generate(b["pixel_values"], prompts=["Describe this image.", "What do you see in this image?"],
+                       max_new_tokens=5)
+    out_1 = [m.generate(b["pixel_values"][i:i + 1], prompts=[p], max_new_tokens=5)[0]
+             for i, p in enumerate(["Describe this image.", "What do you see in this image?"])]
+    assert out_b == out_1
+
+
+def test_shapes_judge_catches_mistakes():
+    s = data.shape_scene(0, 4)  # two objects
+    good = data.reference_captions(0, 4)[0]
+    assert metrics.judge(good, s) == {"count": True, "colour": True, "shape": True, "relation": True, "exact": True}
+    o = s["objects"]
+    wrong_colour = good.replace(o[0][1], "purple" if o[0][1] != "purple" else "red", 1)
+    assert not metrics.judge(wrong_colour, s)["colour"]
+    swapped = good.replace("left of", "@").replace("right of", "left of").replace("@", "right of") \
+        .replace("above", "@").replace("below", "above").replace("@", "below")
+    assert not metrics.judge(swapped, s)["relation"]
+    assert not metrics.judge(f"a {o[0][0]} {o[0][1]} {o[0][2]}", s)["count"]
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_sample_error_paths(tmp_path):
+    r = run_sample("--image", str(tmp_path / "nope.jpg"))
+    assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "notimage.jpg").write_text("hello")
+    r = run_sample("--image", str(tmp_path / "notimage.jpg"))
+    assert r.returncode == 1 and "not a readable image" in r.stderr and "Traceback" not in r.stderr
+    data.make_shape_example(0, 0, 32)[0].save(tmp_path / "ok.png")
+    r = run_sample("--image", str(tmp_path / "ok.png"), "--checkpoint", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "no stage-2 checkpoint" in r.stderr and "Traceback" not in r.stderr

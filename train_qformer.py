@@ -7,6 +7,7 @@ Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and IT
 """
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from load_weights import load_bert_tokenizer, load_qformer, load_vit, offline_paths, read_config
+from load_weights import QFORMER_NEW, load_bert_tokenizer, load_qformer, load_vit, offline_paths
 from model import ViT, ViTConfig
 from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
 from trainer import Env, load_checkpoint, make_optimizer, parse_config, train
@@ -59,6 +60,7 @@ class Stage1Config:
     halt_at: int = 0            # stop (with a checkpoint) at this step as if killed; the schedule still ends at max_steps
     lr: float = 1e-4
     min_lr: float = 1e-5
+    fresh_lr_scale: float = 1.0  # lr multiplier for what a checkpoint did not initialise
     warmup_steps: int = 500
     weight_decay: float = 0.05
     grad_clip: float = 1.0
@@ -304,8 +306,13 @@ def main(argv=None):
     env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M ({'trained' if cfg.train_vit else 'frozen'}),"
               f" Q-Former {sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, "
               f"device {env.device} {env.dtype}, {env.world} process(es)")
+    # parameters that start from scratch (a random ViT, cross-attention, queries, heads) may learn faster than
+    # the pretrained BERT ones
+    fresh = {p: cfg.fresh_lr_scale for n, p in model.named_parameters()
+             if (n.startswith("vit.") and cfg.vit == "random") or any(re.fullmatch(pat, n[len("qformer."):])
+                                                                     for pat in QFORMER_NEW)}
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay,
-                               env.device)
+                               env.device, fresh)
     start, best = 0, None
     if cfg.resume:
         sd, start, extra = load_checkpoint(cfg.out_dir, optimizer)

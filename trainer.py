@@ -80,8 +80,14 @@ class Env:
         return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()), dim=0)
 
     def gather_nograd(self, x):
+        """All processes' x, concatenated along dim 0 (no gradient). Dim 1 may differ between processes (text
+        lengths): it is zero-padded to the longest first."""
         if self.world == 1:
             return x
+        if x.dim() > 1:
+            n = torch.tensor([x.size(1)], device=x.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, int(n) - x.size(1)))
         out = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(out, x.contiguous())
         return torch.cat(out, dim=0)
