@@ -33,12 +33,10 @@ def parse_config(cls, presets=None, argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(f"--{f.name}", type=typ, default=default,
                            choices=sorted(presets) if f.name == "preset" and presets else None)
-    args = p.parse_args(argv)
-    preset = presets.get(getattr(args, "preset", ""), {})
-    given = {a.lstrip("-").split("=")[0].replace("no-", "", 1) if a.startswith("--no-") else
-             a.lstrip("-").split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    values = {k: (v if k in given or k not in preset else preset[k]) for k, v in vars(args).items()}
-    return cls(**values)
+    known, _ = p.parse_known_args(argv)
+    if getattr(known, "preset", ""):
+        p.set_defaults(**presets[known.preset])  # a preset only moves defaults: explicit flags still win
+    return cls(**vars(p.parse_args(argv)))
 
 # -----------------------------------------------------------------------------------------------------------
 # device, precision, processes
@@ -194,18 +192,20 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
     """Run optimizer steps start_step..cfg.max_steps.
     batches: iterator of micro-batches (already positioned for start_step); step_fn(batch) -> (loss, {name: value})
     under autocast; evaluate() -> {metric: value}; state_fn() -> the weights to checkpoint.
-    Writes out_dir/{model.safetensors, train_state.pt, metrics.jsonl, best/}. Returns the last eval metrics."""
+    Writes out_dir/{model.safetensors, train_state.pt, metrics.jsonl, best.safetensors}.
+    Returns (the last eval metrics, how many unreadable samples were skipped)."""
     ddp_model = model
     if env.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0, seen, sums, skipped, last = time.time(), 0, {}, 0, {}
-    t_run, step = time.time(), start_step
+    t_run, step, n_steps = time.time(), start_step, 0
     stop = min(cfg.max_steps, cfg.halt_at) if cfg.halt_at > 0 else cfg.max_steps
     while step < stop:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
+        parts = {}
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             skipped += batch.get("skipped", 0)
@@ -218,7 +218,7 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
             seen += len(batch["captions"])
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-        loss_value = env.sum(sum(v.double() for v in parts.values())) / env.world
+        loss_value = env.sum(sum(v.double() for v in parts.values()) if parts else torch.zeros((), dtype=torch.float64))
         if not math.isfinite(loss_value.item()):
             raise FloatingPointError(f"non-finite loss {loss_value.item()} at step {step} ({parts}); stopping. "
                                      f"The last good checkpoint in {cfg.out_dir} is intact; lower --lr or use "
@@ -227,13 +227,12 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        step, n_steps = step + 1, n_steps + 1
+        if step % cfg.log_interval == 0 or step == stop:
             dt = time.time() - t0
             rate = seen * env.world / dt
-            n = cfg.log_interval if step % cfg.log_interval == 0 else step % cfg.log_interval
             # the mean over every process's micro-batches: with DDP, the loss of the whole global batch
-            avg = {k: (env.sum(torch.tensor(v, dtype=torch.float64)) / (n * env.world)).item()
+            avg = {k: (env.sum(torch.tensor(v, dtype=torch.float64)) / (n_steps * env.world)).item()
                    for k, v in sums.items()}
             eta = (cfg.max_steps - step) * (time.time() - t_run) / (step - start_step)
             env.print(f"step {step}/{cfg.max_steps} | loss {sum(avg.values()):.4f} ("
@@ -242,7 +241,7 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
             if env.is_main:
                 log_metrics(cfg.out_dir, {"step": step, "lr": lr, "samples_per_s": round(rate, 2),
                                           **{k: round(v, 5) for k, v in avg.items()}})
-            t0, seen, sums = time.time(), 0, {}
+            t0, seen, sums, n_steps = time.time(), 0, {}, 0
         if step % cfg.eval_interval == 0 or step == stop:
             model.eval()
             metrics = evaluate() if env.is_main else {}
