@@ -20,15 +20,13 @@ import data
 from load_weights import QFORMER_NEW, load_bert_tokenizer, load_qformer, load_vit, offline_paths
 from model import ViT, ViTConfig
 from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
-from trainer import Env, load_checkpoint, make_optimizer, parse_config, train
+from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, train
 
 
 @dataclass
-class Stage1Config:
-    """Stage 1: Q-Former pre-training (ITC + ITM + ITG)."""
-    preset: str = ""
+class Stage1Config(TrainConfig):
+    """Stage 1: Q-Former pre-training (ITC + ITM + ITG). The shared fields are in trainer.TrainConfig."""
     out_dir: str = "out/qformer"
-    resume: bool = False
     # models
     vit: str = "google/vit-base-patch16-224"  # folder or HF id; "random" = a fresh ViT of the vit_* sizes below
     vit_patch_size: int = 16
@@ -42,38 +40,13 @@ class Stage1Config:
     num_query_tokens: int = 32
     cross_attention_freq: int = 2
     dropout: float = 0.1
-    # data
-    data: str = "cc3m"          # cc3m (downloaded), shapes, 'dir/*.tar' shards, or a folder with captions.jsonl
-    data_dir: str = "data/cc3m"
-    n_pairs: int = 50_000
-    n_train: int = 200_000      # shapes: size of the training set (an epoch)
-    val_data: str = ""          # default: held out from --data
+    # data and objectives
     image_size: int = 224
     max_text_len: int = 32
-    num_workers: int = 4
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
-    # objectives and optimisation
     losses: str = "itc,itm,itg"
-    batch_size: int = 64
-    grad_accum: int = 1
-    max_steps: int = 10_000
-    halt_at: int = 0            # stop (with a checkpoint) at this step as if killed; the schedule still ends at max_steps
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    fresh_lr_scale: float = 1.0  # lr multiplier for what a checkpoint did not initialise
-    warmup_steps: int = 500
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    # evaluation and logging
-    eval_interval: int = 1000
-    eval_samples: int = 1000
-    itm_rerank_k: int = 16
-    log_interval: int = 20
-    # system
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 1337
+    fresh_lr_scale: float = 1.0   # lr multiplier for what a checkpoint did not initialise
+    itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
 
 
 PRESETS = {
@@ -146,13 +119,13 @@ def build_models(cfg):
     return vit, qformer, load_bert_tokenizer(bert), bert
 
 
-def build_dataset(cfg, split, env=None):
-    """(dataset, is_map_style) for 'train' or 'val'."""
+def build_dataset(cfg, split, image_size, env=None):
+    """(dataset, is_map_style) for 'train' or 'val' of cfg.data (a TrainConfig)."""
     src = cfg.val_data if split == "val" and cfg.val_data else cfg.data
     rank, world = (env.rank, env.world) if env else (0, 1)
     if src == "shapes":
         n = cfg.n_train if split == "train" else cfg.eval_samples
-        return data.ShapesDataset(split, n, cfg.image_size), True
+        return data.ShapesDataset(split, n, image_size), True
     if src == "cc3m":
         src = data.download_cc3m(cfg.data_dir, cfg.n_pairs) if env is None or env.is_main else None
         if env is not None and env.world > 1:
@@ -161,11 +134,11 @@ def build_dataset(cfg, split, env=None):
     if isinstance(src, list) or src.endswith(".tar") or "*" in src or "," in src:
         shards = data.expand_shards(src)
         if split == "val" and not cfg.val_data:  # hold out the last shard (or the first eval_samples of one)
-            return data.WebDataset(shards[-1:], cfg.image_size, max_samples=cfg.eval_samples), False
+            return data.WebDataset(shards[-1:], image_size, max_samples=cfg.eval_samples), False
         train_shards = shards[:-1] if len(shards) > 1 and not cfg.val_data else shards
         skip = cfg.eval_samples if len(shards) == 1 and not cfg.val_data else 0
-        return data.WebDataset(train_shards, cfg.image_size, rank, world, skip=skip), False
-    ds = data.FolderDataset(src, cfg.image_size)
+        return data.WebDataset(train_shards, image_size, rank, world, skip=skip), False
+    ds = data.FolderDataset(src, image_size)
     if cfg.val_data:
         return ds, True
     n_val = min(cfg.eval_samples, len(ds) // 10)
@@ -279,21 +252,26 @@ def stage1_config_json(cfg, vit, qformer, bert_src):
 
 def load_stage1(folder, weights="best.safetensors"):
     """-> (vit, qformer, bert tokenizer, meta) rebuilt from a stage-1 output folder."""
-    from safetensors.torch import load_file
-    from load_weights import load_strict
     meta = json.load(open(os.path.join(folder, "config.json")))
     path = os.path.join(folder, weights)
     if not os.path.exists(path):
         path = os.path.join(folder, "model.safetensors")
+    vit, qformer = build_stage1(meta, path)
+    return vit, qformer, load_bert_tokenizer(meta["bert"]), meta
+
+
+def build_stage1(meta, path):
+    """ViT and Q-Former as a stage-1 config.json describes them, weights from `path` (keys qformer.*, vit.*)."""
+    from safetensors.torch import load_file
+    from load_weights import load_strict
     sd = load_file(path)
-    qformer = load_strict(QFormer(QFormerConfig(**meta["qformer_config"])),
-                          {k[len("qformer."):]: v for k, v in sd.items() if k.startswith("qformer.")}, path)
+    part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    qformer = load_strict(QFormer(QFormerConfig(**meta["qformer_config"])), part("qformer."), path)
     if meta["vit_weights_saved"]:
-        vit = load_strict(ViT(ViTConfig(**meta["vit_config"])),
-                          {k[len("vit."):]: v for k, v in sd.items() if k.startswith("vit.")}, path)
+        vit = load_strict(ViT(ViTConfig(**meta["vit_config"])), part("vit."), path)
     else:
         vit = load_vit(meta["vit"])
-    return vit, qformer, load_bert_tokenizer(meta["bert"]), meta
+    return vit, qformer
 
 
 def main(argv=None):
@@ -324,8 +302,8 @@ def main(argv=None):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(stage1_config_json(cfg, vit, qformer, bert_src), f, indent=2)
     collate = data.Collate(tok, cfg.max_text_len)
-    train_ds, map_style = build_dataset(cfg, "train", env)
-    val_ds, _ = build_dataset(cfg, "val", env)
+    train_ds, map_style = build_dataset(cfg, "train", cfg.image_size, env)
+    val_ds, _ = build_dataset(cfg, "val", cfg.image_size, env)
     cache = None
     if cfg.cache_features:
         assert map_style and not cfg.train_vit, "--cache_features needs a map-style dataset and a frozen ViT"

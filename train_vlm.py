@@ -9,9 +9,7 @@ follows at a lower learning rate). The ViT and the LM's own weights stay frozen.
 import json
 import os
 import random
-import re
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,8 +20,8 @@ import data
 import lora
 from load_weights import load_llm, offline_paths
 from metrics import bleu4, cider_d, shape_attribute_accuracy
-from trainer import Env, load_checkpoint, make_optimizer, parse_config, save_weights, train
-from train_qformer import build_dataset, load_stage1, train_batches
+from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, save_weights, train
+from train_qformer import build_dataset, build_stage1, load_stage1, train_batches
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 EOS_ID = 2  # <|im_end|> ends a turn (and is also SmolLM2's pad id: labels are set before padding, see below)
@@ -37,11 +35,10 @@ RETENTION_QUESTIONS = ["What is the capital of France?", "How many days are ther
 
 
 @dataclass
-class Stage2Config:
-    """Stage 2: MLP projector + LoRA on SmolLM2 (+ the Q-Former at a lower learning rate)."""
-    preset: str = ""
+class Stage2Config(TrainConfig):
+    """Stage 2: MLP projector + LoRA on SmolLM2 (+ the Q-Former at a lower learning rate). The shared fields
+    (data, loop, logging) are in trainer.TrainConfig; the image size comes from the stage-1 run."""
     out_dir: str = "out/vlm"
-    resume: bool = False
     qformer: str = "out/qformer"       # a stage-1 output folder
     llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # folder, HF id, .gguf; "gguf" = the pip-installed SmolLM2
     lora_rank: int = 8
@@ -51,34 +48,15 @@ class Stage2Config:
     freeze_qformer: bool = False
     qformer_lr_scale: float = 0.1      # the Q-Former trains on at lr * this
     merge: bool = False                # also write the LM with LoRA merged in, as safetensors
-    # data (as stage 1; image_size comes from the stage-1 run)
-    data: str = "cc3m"
-    data_dir: str = "data/cc3m"
-    n_pairs: int = 50_000
-    n_train: int = 200_000
-    val_data: str = ""
-    num_workers: int = 4
     max_caption_tokens: int = 48
-    # optimisation
+    max_new_tokens: int = 48           # eval: generated caption length
     batch_size: int = 16
-    grad_accum: int = 1
     max_steps: int = 5000
-    halt_at: int = 0
     lr: float = 2e-4
     min_lr: float = 2e-5
     warmup_steps: int = 200
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    # evaluation
-    eval_interval: int = 1000
     eval_samples: int = 200
-    max_new_tokens: int = 48
-    log_interval: int = 20
-    # system
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 1337
 
 
 PRESETS = {
@@ -244,28 +222,11 @@ def load_vlm(folder, device="cpu"):
     llm_src = offline_paths()[1] if meta["llm"] == "gguf" else meta["llm"]
     llm, tok = load_llm(llm_src)
     lora.load_adapter(llm, os.path.join(folder, "adapter"))
-    tmp = os.path.join(folder, "qformer.safetensors")
-    vit, qformer, _, _ = load_stage1_from_file(meta["stage1"], tmp)
+    vit, qformer = build_stage1(meta["stage1"], os.path.join(folder, "qformer.safetensors"))
     model = VLM(vit, qformer, llm, tok)
     load_strict(model.projector, load_file(os.path.join(folder, "projector.safetensors")),
                 os.path.join(folder, "projector.safetensors"))
     return model.to(device).eval(), meta
-
-
-def load_stage1_from_file(stage1_meta, path):
-    from load_weights import load_strict, load_vit
-    from model import ViT, ViTConfig
-    from qformer import QFormer, QFormerConfig
-    from safetensors.torch import load_file
-    sd = load_file(path)
-    qf = load_strict(QFormer(QFormerConfig(**stage1_meta["qformer_config"])),
-                     {k[8:]: v for k, v in sd.items() if k.startswith("qformer.")}, path)
-    if stage1_meta["vit_weights_saved"]:
-        vit = load_strict(ViT(ViTConfig(**stage1_meta["vit_config"])),
-                          {k[4:]: v for k, v in sd.items() if k.startswith("vit.")}, path)
-    else:
-        vit = load_vit(stage1_meta["vit"])
-    return vit, qf, None, stage1_meta
 
 
 def main(argv=None):
@@ -300,14 +261,10 @@ def main(argv=None):
         assert not missing, f"checkpoint lacks {sorted(missing)[:5]}"
         model.load_state_dict(sd, strict=False)
         best = extra.get("best")
-    s1 = meta["train_config"]
-    dcfg = type("D", (), {**s1, **{k: getattr(cfg, k) for k in ("data", "data_dir", "n_pairs", "n_train",
-                                                                   "val_data", "batch_size", "num_workers")},
-                          "eval_samples": cfg.eval_samples, "image_size": meta["image_size"], "seed": cfg.seed})
-    train_ds, map_style = build_dataset(dcfg, "train", env)
-    val_ds, _ = build_dataset(dcfg, "val", env)
+    train_ds, map_style = build_dataset(cfg, "train", meta["image_size"], env)
+    val_ds, _ = build_dataset(cfg, "val", meta["image_size"], env)
     collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed)
-    batches = train_batches(dcfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
+    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
     fwd = torch.compile(model) if cfg.compile else model
     model.train()
     model.vit.eval()

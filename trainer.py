@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 
@@ -20,6 +19,40 @@ from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------------------------------------
 # config: every dataclass field is a --flag; a preset changes the defaults, explicit flags still win
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What both stages share: data, the loop, logging, the machine. Each stage's config extends it."""
+    preset: str = ""
+    out_dir: str = "out/run"
+    resume: bool = False
+    # data
+    data: str = "cc3m"          # cc3m (downloaded), shapes, 'dir/*.tar' shards, or a folder with captions.jsonl
+    data_dir: str = "data/cc3m"
+    n_pairs: int = 50_000       # cc3m: how many pairs to fetch
+    n_train: int = 200_000      # shapes: size of the training set (an epoch)
+    val_data: str = ""          # default: held out from --data
+    num_workers: int = 4
+    # optimisation
+    batch_size: int = 64
+    grad_accum: int = 1
+    max_steps: int = 10_000
+    halt_at: int = 0            # stop (with a checkpoint) at this step as if killed; the schedule still ends at max_steps
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    # evaluation and logging
+    eval_interval: int = 1000
+    eval_samples: int = 1000
+    log_interval: int = 20
+    # system
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
 
 
 def parse_config(cls, presets=None, argv=None):
