@@ -676,3 +676,32 @@ def test_sample_error_paths(tmp_path):
     data.make_shape_example(0, 0, 32)[0].save(tmp_path / "ok.png")
     r = run_sample("--image", str(tmp_path / "ok.png"), "--checkpoint", str(tmp_path / "missing"))
     assert r.returncode == 1 and "no stage-2 checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
+    """stage 1 (tiny) -> stage 2 with a tiny random LM that speaks SmolLM2's tokenizer -> sample.py."""
+    run_stage1([], tmp_path, "s1")
+    lm_dir = tmp_path / "lm"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(lm_dir)
+    smol_tok.save(str(lm_dir / "tokenizer.json"))
+    out = tmp_path / "s2"
+    m = train_vlm.main(["--preset", "tiny", "--qformer", str(tmp_path / "s1"), "--llm", str(lm_dir),
+                        "--out_dir", str(out), "--max_new_tokens", "3"])
+    assert {"bleu4", "cider_d", "attr_colour", "attr_shape", "attr_count", "attr_relation"} <= set(m)
+    for f in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "projector.safetensors",
+              "qformer.safetensors", "config.json", "retention.json", "metrics.jsonl", "train_state.pt"):
+        assert (out / f).exists(), f
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["image_size"] == 32 and cfg["data_preset"] == "tiny" and cfg["num_query_tokens"] == 4
+    imgs = []
+    for i in range(2):
+        data.make_shape_example(2, i, 40)[0].save(tmp_path / f"{i}.png")
+        imgs += ["--image", str(tmp_path / f"{i}.png")]
+    r = run_sample("--checkpoint", str(out), *imgs, "--max_new_tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("\n") == 2  # greedy: one line per image on stdout, everything else on stderr
+    r = run_sample("--checkpoint", str(out), "--prompt", "Hi", "--max_new_tokens", "3")
+    assert r.returncode == 0 and "loading" in r.stderr

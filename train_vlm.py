@@ -278,7 +278,8 @@ def main(argv=None):
                        lambda: evaluate(cfg, model, val_ds, env, shapes), trainable, start, best)
     if env.is_main:
         model.eval()
-        export(cfg, model, meta, cfg.llm if cfg.llm == "gguf" else llm_src, cfg.out_dir)
+        export(cfg, model, meta, "gguf" if cfg.llm == "gguf" else
+               os.path.abspath(llm_src) if os.path.exists(llm_src) else llm_src, cfg.out_dir)
         with env.autocast():
             after = retention_probe(model)
             with lora.lora_disabled(model.llm):
