@@ -705,3 +705,10 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     assert r.stdout.count("\n") == 2  # greedy: one line per image on stdout, everything else on stderr
     r = run_sample("--checkpoint", str(out), "--prompt", "Hi", "--max_new_tokens", "3")
     assert r.returncode == 0 and "loading" in r.stderr
+
+
+def test_stage1_feature_cache_in_training(tmp_path):
+    rows, out = run_stage1(["--cache_features", "--n_train", "16", "--max_steps", "4", "--eval_interval", "4"],
+                           tmp_path, "cache")  # 2 steps an epoch: epoch 2 reads the ViT features from disk
+    filled = np.load(out / "vit_cache.filled", mmap_mode="r")
+    assert filled.all() and all(np.isfinite(r["itc"]) for r in rows if "itc" in r)

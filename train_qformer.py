@@ -86,15 +86,15 @@ class Stage1(nn.Module):
             return feats
         imgs = batch["images"]
         need = [i for i, x in enumerate(imgs) if x.dim() == 3]
-        out = [x.to(dev) for x in imgs]
+        out = [x.to(dev, torch.float32) for x in imgs]  # cached features are stored as float16
         if need:
             with torch.no_grad():
                 feats = self.vit(torch.stack([imgs[i] for i in need]).to(dev))
             for j, i in enumerate(need):
-                out[i] = feats[j]
+                out[i] = feats[j].float()
             if cache is not None:
                 cache.put(batch["index"][need], feats)
-        return torch.stack([x.to(out[need[0]].dtype if need else x.dtype) for x in out])
+        return torch.stack(out)
 
     def forward(self, batch, losses, env=None, generator=None, cache=None):
         dev = self.qformer.query_tokens.device
