@@ -139,8 +139,7 @@ class Stage2Collate:
     Targets are made before padding, so padding with id 2 can never erase the real <|im_end|> label."""
 
     def __init__(self, tok, n_image, max_caption_tokens, seed=0):
-        self.tok, self.n_image, self.max_cap = tok, n_image, max_caption_tokens
-        self.rng = random.Random(seed)
+        self.tok, self.n_image, self.max_cap, self.seed = tok, n_image, max_caption_tokens, seed
 
     def __call__(self, samples):
         good = [s for s in samples if s is not None]
@@ -149,7 +148,7 @@ class Stage2Collate:
             return batch
         seqs = []
         for _, caption, _, index in good:
-            rng = random.Random(f"{self.rng.random()}")
+            rng = random.Random(f"{self.seed}:{index}")  # prompts by sample: same in any worker, on resume
             ids, img = prompt_ids(self.tok, rng.choice(SYSTEM_PROMPTS), rng.choice(USER_PROMPTS), self.n_image)
             cap = self.tok.encode(caption).ids[:self.max_cap] + [EOS_ID]
             targets = [-100] * (len(ids) - 1) + cap + [-100]  # position t predicts token t+1
