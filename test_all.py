@@ -712,3 +712,8 @@ def test_stage1_feature_cache_in_training(tmp_path):
                            tmp_path, "cache")  # 2 steps an epoch: epoch 2 reads the ViT features from disk
     filled = np.load(out / "vit_cache.filled", mmap_mode="r")
     assert filled.all() and all(np.isfinite(r["itc"]) for r in rows if "itc" in r)
+
+
+def test_text_only_prompt_is_the_chat_template(smol_tok):
+    ids, img = train_vlm.prompt_ids(smol_tok, train_vlm.DEFAULT_SYSTEM, "What is the capital of France?", 0)
+    assert not any(img) and ids == chat(smol_tok, "What is the capital of France?")

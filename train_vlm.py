@@ -127,7 +127,9 @@ class VLM(nn.Module):
 def prompt_ids(tok, system, user, n_image):
     """Token ids of system + user turn (with n_image placeholders after the question) + assistant header,
     and a parallel list marking the placeholder positions."""
-    head = tok.encode(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}\n").ids
+    # with no image the turn is exactly SmolLM2's chat template (a stray newline changed its greedy answers)
+    sep = "\n" if n_image else ""
+    head = tok.encode(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}{sep}").ids
     tail = tok.encode(f"{IM_END}\n{IM_START}assistant\n").ids
     ids = head + [0] * n_image + tail
     return ids, [False] * len(head) + [True] * n_image + [False] * len(tail)
