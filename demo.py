@@ -8,11 +8,11 @@ ground truth and the held-out attribute accuracy.
 """
 import argparse
 import os
-import sys
 import time
 
 import train_qformer
 import train_vlm
+from trainer import run_cli
 
 
 def main():
@@ -38,8 +38,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ConnectionError, FloatingPointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, ImportError)

@@ -8,7 +8,6 @@ Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and IT
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,7 +19,7 @@ import data
 from load_weights import QFORMER_NEW, load_bert_tokenizer, load_qformer, load_vit, offline_paths
 from model import ViT, ViTConfig
 from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
-from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, train
+from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, run_cli, train
 
 
 @dataclass
@@ -297,10 +296,11 @@ def main(argv=None):
         model.load_state_dict(sd, strict=not (cfg.vit != "random" and not cfg.train_vit))
         best = extra.get("best")
         env.print(f"resumed from {cfg.out_dir} at step {start}")
+    meta = stage1_config_json(cfg, vit, qformer, bert_src)
     if env.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(stage1_config_json(cfg, vit, qformer, bert_src), f, indent=2)
+            json.dump(meta, f, indent=2)
     collate = data.Collate(tok, cfg.max_text_len)
     train_ds, map_style = build_dataset(cfg, "train", cfg.image_size, env)
     val_ds, _ = build_dataset(cfg, "val", cfg.image_size, env)
@@ -322,8 +322,7 @@ def main(argv=None):
 
     def state_fn():
         sd = model.state_dict()
-        return {k: v for k, v in sd.items() if k.startswith("qformer.") or stage1_config_json(
-            cfg, vit, qformer, bert_src)["vit_weights_saved"]}
+        return {k: v for k, v in sd.items() if k.startswith("qformer.") or meta["vit_weights_saved"]}
 
     t0 = time.time()
     metrics, skipped = train(cfg, env, model, optimizer, batches, step_fn,
@@ -336,8 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ConnectionError, FloatingPointError, AssertionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, AssertionError)

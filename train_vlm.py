@@ -9,7 +9,6 @@ follows at a lower learning rate). The ViT and the LM's own weights stay frozen.
 import json
 import os
 import random
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +19,7 @@ import data
 import lora
 from load_weights import load_llm, offline_paths
 from metrics import bleu4, cider_d, shape_attribute_accuracy
-from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, save_weights, train
+from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, run_cli, save_weights, train
 from train_qformer import build_dataset, build_stage1, load_stage1, train_batches
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -302,8 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ConnectionError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 
@@ -295,3 +296,13 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
     if skipped:
         env.print(f"skipped {skipped} unreadable samples (bad image, empty or undecodable caption)")
     return last, skipped
+
+
+def run_cli(main, *more_errors):
+    """Run a script's main(): the errors a user can fix (missing file, no network, a diverged run, ...) end with
+    one line on stderr and exit code 1 instead of a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ConnectionError, FloatingPointError, *more_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
