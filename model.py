@@ -21,13 +21,14 @@ def attention(q, k, v, mask=None, causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     # On the CPU SDPA's backward is slow for small heads (DESIGN.md measured 2x on a Q-Former step), so the
     # textbook softmax(QK^T)V is the fast path there.
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    # In fp32: CPUs without bf16 units run bf16 batched matmuls several times slower (measured 5x in decoding).
+    att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     if mask is None and causal:
         T, S = q.size(-2), k.size(-2)
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
-    return att.float().softmax(dim=-1).to(v.dtype) @ v
+    return (att.softmax(dim=-1) @ v.float()).to(v.dtype)
 
 
 def split_heads(x, n_head):  # [B,T,H*D] -> [B,H,T,D]
@@ -170,7 +171,12 @@ class LlamaAttention(nn.Module):
         k = split_heads(self.k_proj(x), self.n_kv)
         v = split_heads(self.v_proj(x), self.n_kv)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
+        if isinstance(cache, tuple):  # the static decode step: (this layer's k, v buffers, column to fill)
+            k_buf, v_buf, slot = cache
+            k_buf.index_copy_(2, slot, k)
+            v_buf.index_copy_(2, slot, v)
+            k, v = k_buf, v_buf
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # grouped-query attention: each K/V head serves n_head / n_kv query heads
         k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -268,20 +274,64 @@ class Llama(nn.Module):
         """Logits [B,T,V]. Training code should apply lm_head only where labels exist (see train_vlm.py)."""
         return self.lm_head(self.hidden_states(input_ids, inputs_embeds, attention_mask, cache))
 
+    def decode_step(self, x, pos, cache, slot, mask):
+        """One new token per row with static shapes (the fast decode path): x [B,1,C]; pos [B,1] its RoPE
+        position; slot [1] the cache column it fills; mask [B,1,1,max_len] the columns each row may see.
+        Attending over the whole buffer with the unfilled columns masked gives the same softmax as the
+        growing cache: exp(-inf) adds exact zeros."""
+        cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)
+        sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
+        run = getattr(self, "_decode_layer", None) or (lambda block, *a: block(*a))
+        for i, block in enumerate(self.model.layers):
+            x = run(block, x, cos, sin, mask, (cache.k[i], cache.v[i], slot))
+        return self.lm_head(self.model.norm(x))[:, -1]
+
+    def compile_decode(self, mode=None, whole=False):
+        """torch.compile the decode step. Per layer (default) one graph serves all the identical layers, so
+        compiling takes seconds instead of minutes on a CPU; whole=True compiles the full step as one graph,
+        which mode='reduce-overhead' then replays as one CUDA graph per token (launches are what limits
+        batch-1 decoding on a GPU)."""
+        if whole:
+            self._decode = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        else:
+            self._decode_layer = torch.compile(lambda block, *a: block(*a), mode=mode, fullgraph=True,
+                                               dynamic=False)
+        return self
+
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens=64,
                  temperature=0.0, top_k=0, top_p=1.0, eos_token_id=2, generator=None, use_cache=True,
-                 on_token=None):
+                 on_token=None, fast=False):
         """Decode up to max_new_tokens after a (left-padded) prompt; each row stops at eos_token_id.
+        fast: after the prompt, run decode_step (static shapes; compiled if compile_decode() was called).
         Returns new token ids [B, n] (rows that finished early are padded with eos_token_id)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         am = torch.ones(B, T, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask
-        cache = KVCache(self.config, B, T + max_new_tokens, x.device, x.dtype) if use_cache else None
+        S = T + max_new_tokens
+        cache = KVCache(self.config, B, S, x.device, x.dtype) if use_cache else None
+        if fast:
+            step = getattr(self, "_decode", self.decode_step)
+            # one cache per shape, kept between calls: a replayed CUDA graph writes to fixed addresses
+            cache = getattr(self, "_static_cache", None)
+            if cache is None or cache.k.shape[1] != B or cache.k.shape[3] != S or cache.k.dtype != x.dtype \
+                    or cache.k.device != x.device:
+                cache = self._static_cache = KVCache(self.config, B, S, x.device, x.dtype)
+                if x.is_cuda:
+                    torch._dynamo.mark_static_address(cache.k)
+                    torch._dynamo.mark_static_address(cache.v)
+            cache.pos = 0
+            seen = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=x.device)
+            seen[:, 0, 0, :T] = am.bool()
+            pos = am.sum(-1, keepdim=True) - 1  # position of the last prompt token (left padding skipped)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         out, step_in = [], x
-        for _ in range(max_new_tokens):
-            if use_cache:
+        for i in range(max_new_tokens):
+            if fast and i > 0:
+                seen[:, 0, 0, T + i - 1] = True
+                pos = pos + 1
+                logits = step(step_in, pos, cache, torch.tensor([T + i - 1], device=x.device), seen)
+            elif use_cache or fast:
                 logits = self(inputs_embeds=step_in, attention_mask=am, cache=cache)[:, -1]
             else:
                 logits = self(inputs_embeds=x, attention_mask=am)[:, -1]
@@ -294,8 +344,9 @@ class Llama(nn.Module):
             if bool(done.all()):
                 break
             step_in = self.model.embed_tokens(nxt)[:, None].to(x.dtype)
-            x = torch.cat([x, step_in], dim=1)
-            am = torch.cat([am, torch.ones(B, 1, dtype=am.dtype, device=am.device)], dim=1)
+            if not fast:
+                x = torch.cat([x, step_in], dim=1)
+                am = torch.cat([am, torch.ones(B, 1, dtype=am.dtype, device=am.device)], dim=1)
         return torch.stack(out, dim=1)
 
 

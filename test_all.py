@@ -650,6 +650,34 @@ def test_stage2_image_embeddings_land_in_place_and_loss(smol_tok):
     assert out_b == out_1
 
 
+def test_stage2_replay_rows_are_text_only_chat(smol_tok):
+    """A replayed sample is the exact text-only chat template with the base model's answer as its label; the
+    image rows keep their placeholders and only their pixels are encoded, in row order."""
+    m = tiny_vlm(smol_tok)
+    answer = smol_tok.encode("Four.").ids + [2]
+    collate = train_vlm.Stage2Collate(smol_tok, n_image=m.qformer.config.num_query_tokens, max_caption_tokens=16,
+                                      replay=[("What is 2 + 2?", answer)], replay_ratio=0.5)
+    samples = [(torch.randn(3, 16, 16), f"caption {i}", "k", i) for i in range(12)]
+    b = collate(samples)
+    is_img = b["image_mask"].any(1)
+    assert 0 < int(is_img.sum()) < 12 and len(b["pixel_values"]) == int(is_img.sum())
+    row = int((~is_img).nonzero()[0])
+    prompt, _ = train_vlm.prompt_ids(smol_tok, train_vlm.DEFAULT_SYSTEM, "What is 2 + 2?", 0)
+    assert b["lm_ids"][row, :len(prompt)].tolist() == prompt
+    tgt = b["targets"][row]
+    assert tgt[tgt != -100].tolist() == answer
+    # the image rows got their own image's embeddings
+    img = m.image_embeds(b["pixel_values"])
+    x = m.embed(b["lm_ids"], b["image_mask"], img)
+    first_img_row = int(is_img.nonzero()[0])
+    assert torch.equal(x[first_img_row, b["image_mask"][first_img_row]], img[0])
+    assert maxdiff(m.image_embeds(samples[first_img_row][0][None])[0], img[0]) <= 1e-5  # its own pixels
+    assert torch.isfinite(m(b))
+    # a batch of nothing but text-only rows still trains
+    only_text = train_vlm.Stage2Collate(smol_tok, 4, 16, replay=[("Hi", answer)], replay_ratio=1.0)(samples[:2])
+    assert len(only_text["pixel_values"]) == 0 and torch.isfinite(m(only_text))
+
+
 def test_shapes_judge_catches_mistakes():
     s = data.shape_scene(0, 4)  # two objects
     good = data.reference_captions(0, 4)[0]
@@ -717,3 +745,54 @@ def test_stage1_feature_cache_in_training(tmp_path):
 def test_text_only_prompt_is_the_chat_template(smol_tok):
     ids, img = train_vlm.prompt_ids(smol_tok, train_vlm.DEFAULT_SYSTEM, "What is the capital of France?", 0)
     assert not any(img) and ids == chat(smol_tok, "What is the capital of France?")
+
+# ---------------------------------------------------------------------------------------------------- speed
+
+
+def test_fast_decode_gives_the_same_tokens():
+    """The static-shape decode step (eager and torch.compile'd) against the plain growing-cache loop: greedy
+    tokens identical, on a left-padded batch, for sampling with a seed too."""
+    m = tiny_llama_ours()
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, :3], am[2, :5] = 0, 0
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=10, eos_token_id=-1)
+    plain = m.generate(**kw)
+    assert torch.equal(m.generate(**kw, fast=True), plain)
+    sample = dict(temperature=1.0, top_k=20)
+    ref = m.generate(**kw, **sample, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(m.generate(**kw, **sample, fast=True, generator=torch.Generator().manual_seed(3)), ref)
+    m.compile_decode()
+    assert torch.equal(m.generate(**kw, fast=True), plain)
+    # stopping: a row that emits eos is padded with eos afterwards, as in the plain loop
+    eos = int(plain[0, 2])
+    assert torch.equal(m.generate(**{**kw, "eos_token_id": eos}, fast=True), m.generate(**{**kw, "eos_token_id": eos}))
+
+
+def test_compiled_train_step_matches_eager():
+    """Stage 1's train step (ViT + Q-Former, ITC + ITM + ITG, backward, AdamW) under torch.compile gives the
+    eager loss, step after step."""
+    import copy
+    from model import ViT, ViTConfig
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48))
+    eager = train_qformer.Stage1(vit, tiny_qformer().train(), False)
+    compiled_model = copy.deepcopy(eager)
+    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "input_ids": torch.randint(2, 50, (4, 7)),
+             "attention_mask": torch.ones(4, 7, dtype=torch.long), "key_ids": torch.arange(4)}
+    batch["attention_mask"][0, 5:] = 0
+    losses = {}
+    for name, model, fwd in [("eager", eager, eager), ("compiled", compiled_model, torch.compile(compiled_model))]:
+        opt = torch.optim.AdamW(model.qformer.parameters(), lr=1e-3)
+        losses[name] = []
+        for step in range(3):
+            out = fwd(batch, ["itc", "itm", "itg"], None, torch.Generator().manual_seed(step))
+            loss = sum(out.values())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    print("eager", losses["eager"], "compiled", losses["compiled"])
+    assert losses["eager"][0] != losses["eager"][2]  # the steps did change the model
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5)

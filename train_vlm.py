@@ -31,6 +31,18 @@ USER_PROMPTS = ["What do you see in this image?", "Describe this image.", "What 
                 "Caption this image."]
 RETENTION_QUESTIONS = ["What is the capital of France?", "How many days are there in a week?",
                        "What is the largest planet in the solar system?", "Who wrote Romeo and Juliet?"]
+# Text-only turns replayed during training with the base LM's own answers, so that LoRA learns to caption
+# without rewriting plain chat. Deliberately disjoint from the retention probe above, which stays a held-out test.
+REPLAY_QUESTIONS = ["What is 2 + 2?", "Name a primary colour.", "What is the opposite of hot?",
+                    "Who painted the Mona Lisa?", "What is the chemical symbol for gold?",
+                    "How many legs does a spider have?", "What is the tallest mountain in the world?",
+                    "What language is spoken in Brazil?", "What do bees make?", "Which ocean is the largest?",
+                    "Who was the first person to walk on the Moon?", "Name three fruits.",
+                    "What gas do plants absorb from the air?", "How many continents are there?",
+                    "What is the currency of Japan?", "Write a short greeting.", "Hello! How are you?",
+                    "What can you help me with?", "What is the capital of Italy?", "How many hours are in a day?",
+                    "What is water made of?", "Give me a synonym for happy.", "What is the boiling point of water?",
+                    "Tell me a fun fact about cats."]
 
 
 @dataclass
@@ -45,6 +57,7 @@ class Stage2Config(TrainConfig):
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     freeze_qformer: bool = False
+    replay_ratio: float = 0.125        # share of samples that are text-only turns with the base LM's own answers
     qformer_lr_scale: float = 0.1      # the Q-Former trains on at lr * this
     merge: bool = False                # also write the LM with LoRA merged in, as safetensors
     max_caption_tokens: int = 48
@@ -91,7 +104,9 @@ class VLM(nn.Module):
         """Mean cross-entropy over caption tokens (and their closing <|im_end|>)."""
         dev = self.projector[0].weight.device
         ids, targets = batch["lm_ids"].to(dev), batch["targets"].to(dev)
-        x = self.embed(ids, batch["image_mask"].to(dev), self.image_embeds(batch["pixel_values"].to(dev)))
+        pix = batch["pixel_values"].to(dev)
+        img = self.image_embeds(pix) if len(pix) else self.projector[-1].weight.new_zeros(0)
+        x = self.embed(ids, batch["image_mask"].to(dev), img)
         h = self.llm.hidden_states(inputs_embeds=x)  # right padding + causal attention: no mask needed
         where = targets != -100
         # the LM head only where there are labels: the 49152-wide logits elsewhere would be wasted work
@@ -139,26 +154,34 @@ class Stage2Collate:
     targets[t] is the token to predict at position t (-100 = no loss): only the caption and its <|im_end|>.
     Targets are made before padding, so padding with id 2 can never erase the real <|im_end|> label."""
 
-    def __init__(self, tok, n_image, max_caption_tokens, seed=0):
+    def __init__(self, tok, n_image, max_caption_tokens, seed=0, replay=(), replay_ratio=0.0):
         self.tok, self.n_image, self.max_cap, self.seed = tok, n_image, max_caption_tokens, seed
+        self.replay, self.replay_ratio = replay, replay_ratio  # [(question, answer ids incl. any <|im_end|>)]
 
     def __call__(self, samples):
         good = [s for s in samples if s is not None]
         batch = {"skipped": len(samples) - len(good)}
         if not good:
             return batch
-        seqs = []
+        seqs, with_image = [], []
         for _, caption, _, index in good:
             rng = random.Random(f"{self.seed}:{index}")  # prompts by sample: same in any worker, on resume
-            ids, img = prompt_ids(self.tok, rng.choice(SYSTEM_PROMPTS), rng.choice(USER_PROMPTS), self.n_image)
-            cap = self.tok.encode(caption).ids[:self.max_cap] + [EOS_ID]
+            if self.replay and rng.random() < self.replay_ratio:  # this sample becomes a text-only turn
+                question, cap = rng.choice(self.replay)
+                ids, img = prompt_ids(self.tok, DEFAULT_SYSTEM, question, 0)
+            else:
+                ids, img = prompt_ids(self.tok, rng.choice(SYSTEM_PROMPTS), rng.choice(USER_PROMPTS), self.n_image)
+                cap = self.tok.encode(caption).ids[:self.max_cap] + [EOS_ID]
+            with_image.append(any(img))
             targets = [-100] * (len(ids) - 1) + cap + [-100]  # position t predicts token t+1
             seqs.append((ids + cap, img + [False] * len(cap), targets))
         T = max(len(s[0]) for s in seqs)
         batch["lm_ids"] = torch.tensor([s[0] + [EOS_ID] * (T - len(s[0])) for s in seqs])
         batch["image_mask"] = torch.tensor([s[1] + [False] * (T - len(s[1])) for s in seqs])
         batch["targets"] = torch.tensor([s[2] + [-100] * (T - len(s[2])) for s in seqs])
-        batch["pixel_values"] = torch.stack([s[0] for s in good])
+        # only the rows with image placeholders: their embeddings fill the placeholders in row order
+        batch["pixel_values"] = torch.stack([s[0] for s, w in zip(good, with_image) if w] or
+                                            [torch.zeros_like(good[0][0])])[:sum(with_image)]
         batch["captions"] = [s[1] for s in good]
         batch["keys"] = [s[2] for s in good]
         batch["index"] = torch.tensor([s[3] for s in good])
@@ -166,6 +189,27 @@ class Stage2Collate:
 
 # -----------------------------------------------------------------------------------------------------------
 # evaluation
+
+
+@torch.no_grad()
+def base_answers(model, questions, path, max_new_tokens=64):
+    """The base LM's greedy answers (token ids, with <|im_end|> when it finished) to text-only questions,
+    made once and kept in path (reused on --resume)."""
+    if os.path.exists(path):
+        return [(q, ids) for q, ids in json.load(open(path))]
+    dev = model.projector[0].weight.device
+    rows = [prompt_ids(model.tok, DEFAULT_SYSTEM, q, 0)[0] for q in questions]
+    T = max(map(len, rows))
+    ids = torch.tensor([[EOS_ID] * (T - len(r)) + r for r in rows], device=dev)
+    am = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
+    out = model.llm.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, eos_token_id=EOS_ID)
+    answers = []
+    for q, row in zip(questions, out.tolist()):
+        answers.append((q, row[:row.index(EOS_ID) + 1] if EOS_ID in row else row))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(answers, f)
+    return answers
 
 
 @torch.no_grad()
@@ -243,6 +287,8 @@ def main(argv=None):
     model.eval()
     with env.autocast():
         before = retention_probe(model)
+        replay = base_answers(model, REPLAY_QUESTIONS, os.path.join(cfg.out_dir, "replay.json")) \
+            if cfg.replay_ratio > 0 else []
     lora.apply_lora(model.llm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.qformer.requires_grad_(not cfg.freeze_qformer)
     model.llm.to(env.device)
@@ -263,7 +309,8 @@ def main(argv=None):
         best = extra.get("best")
     train_ds, map_style = build_dataset(cfg, "train", meta["image_size"], env)
     val_ds, _ = build_dataset(cfg, "val", meta["image_size"], env)
-    collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed)
+    collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed, replay,
+                            cfg.replay_ratio)
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
     fwd = torch.compile(model) if cfg.compile else model
     model.train()

@@ -1,0 +1,407 @@
+"""
+How fast is the core? Training steps and decoding at the recipe's full sizes: ViT-B/16 at 224, a bert-base
+Q-Former with 32 queries, SmolLM2-135M with LoRA r=8 on q/k/v/o. Weights are random (speed does not depend on
+their values), so this runs offline.
+
+    python bench.py                        # ours
+    python bench.py --baseline             # and the same workloads built from transformers + peft
+    python bench.py --baseline --json      # one JSON object (stage1_itc_samples_per_s, baseline_..., ratios)
+    python bench.py --only decode          # a subset: stage1_itc, stage1_all, stage2, decode
+
+With --baseline both sides are built in one process and timed in alternating rounds (the median round counts),
+so a noisy neighbour or a clock change hits both. The baseline is what a user would write instead: transformers'
+BLIP-2 retrieval model (ITC), vision and Q-Former models, LlamaForCausalLM with peft's LoRA, SDPA attention,
+autocast in --baseline_dtype, and `generate`.
+"""
+import json
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import apply_lora
+from model import Llama, LlamaConfig, ViT, ViTConfig
+from qformer import QFormer, QFormerConfig
+from train_qformer import Stage1
+from train_vlm import VLM
+from trainer import Env, make_optimizer, parse_config
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' data sheets
+
+
+@dataclass
+class BenchConfig:
+    """Throughput of stage 1, stage 2 and decoding; 0 = a default that suits the device (GPU / CPU)."""
+    device: str = "auto"
+    dtype: str = "auto"              # ours: the fastest per device (trainer.fastest_dtype)
+    decode_dtype: str = "auto"       # ours, decoding: bf16 where a memory-bound matvec is faster in it
+    baseline: bool = False
+    baseline_dtype: str = "bfloat16" # the baseline's autocast dtype, as a user would turn it on
+    baseline_weights: str = "float32"  # the baseline's weight dtype (bfloat16: transformers' dtype=torch.bfloat16)
+    compile: str = "auto"            # torch.compile ours: auto = train steps on CUDA, the decode step everywhere
+    only: str = ""                   # comma list of stage1_itc, stage1_all, stage2, decode
+    stage1_batch: int = 0            # 128 / 2
+    stage2_batch: int = 0            # 64 / 2
+    decode_batch: int = 0            # 64 / 4 (batch 1 is always measured)
+    steps: int = 0                   # timed steps per round: 10 / 1
+    warmup: int = 0                  # untimed steps first (compilation, autotuning): 3 / 1
+    rounds: int = 0                  # alternating timed rounds per side: 3 / 2
+    text_len: int = 32               # stage 1 caption tokens
+    prompt_len: int = 24             # stage 2: tokens before the image + 32 image embeddings + caption = 80
+    caption_len: int = 24
+    new_tokens: int = 0              # decoding: 128 / 24, after an 80-token prompt
+    peak_tflops: float = 0.0         # for MFU; 0 = the data-sheet bf16 figure when the GPU is known
+    json: bool = False
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, steps, dev):
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t) / steps
+
+
+class Side:
+    """One side of a comparison: a step function, plus the memory its own warm-up needed (GPU)."""
+
+    def __init__(self, build, dev, warmup):
+        base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.step = build()
+        for _ in range(warmup):  # compile, autotune, allocator warm-up
+            self.step()
+        sync(dev)
+        self.peak_gb = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else None
+        self.times = []
+
+
+def race(sides, cfg, dev, steps=None):
+    """Alternate timed rounds between the sides; -> median seconds per step, per side."""
+    for _ in range(cfg.rounds):
+        for s in sides:
+            s.times.append(median_time(s.step, steps or cfg.steps, dev))
+    return [statistics.median(s.times) for s in sides]
+
+# -----------------------------------------------------------------------------------------------------------
+# the workloads, ours
+
+
+def random_inputs(B, dev, text_len=None, seq=None):
+    g = torch.Generator().manual_seed(0)
+    out = {"pixel_values": torch.randn(B, 3, 224, 224, generator=g).to(dev)}
+    if text_len:
+        out["input_ids"] = torch.randint(1000, 30000, (B, text_len), generator=g).to(dev)
+        out["attention_mask"] = torch.ones(B, text_len, dtype=torch.long, device=dev)
+        out["key_ids"] = torch.arange(B, device=dev)
+    return out
+
+
+def ours_stage1(cfg, env, B, losses, compile_):
+    def build():
+        model = Stage1(ViT(ViTConfig()), QFormer(QFormerConfig(hidden_dropout_prob=0.0)), False).to(env.device)
+        opt = make_optimizer(model.qformer.parameters(), 1e-4, 0.05, env.device)
+        fwd = torch.compile(model) if compile_ else model
+        batch, gen = random_inputs(B, env.device, cfg.text_len), torch.Generator().manual_seed(0)
+
+        def step():
+            with env.autocast():
+                loss = sum(fwd(batch, losses, None, gen).values())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    return build
+
+
+def stage2_batch(cfg, B, dev):
+    T = cfg.prompt_len + 32 + cfg.caption_len
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 49000, (B, T), generator=g)
+    image_mask = torch.zeros(B, T, dtype=torch.bool)
+    image_mask[:, cfg.prompt_len:cfg.prompt_len + 32] = True
+    targets = torch.full((B, T), -100)
+    targets[:, -cfg.caption_len - 1:-1] = ids[:, -cfg.caption_len:]  # targets[t] = the token at t + 1
+    return {"pixel_values": torch.randn(B, 3, 224, 224, generator=g).to(dev), "lm_ids": ids.to(dev),
+            "image_mask": image_mask.to(dev), "targets": targets.to(dev)}
+
+
+def ours_stage2(cfg, env, B, compile_):
+    def build():
+        llm = Llama(LlamaConfig())
+        apply_lora(llm, r=8, alpha=16, targets=LORA_TARGETS)
+        vlm = VLM(ViT(ViTConfig()).requires_grad_(False), QFormer(QFormerConfig(hidden_dropout_prob=0.0)), llm,
+                  None).to(env.device)
+        scale = {p: 0.1 for p in vlm.qformer.parameters()}  # the recipe: the Q-Former trains on at lr x 0.1
+        opt = make_optimizer([p for p in vlm.parameters() if p.requires_grad], 1e-4, 0.0, env.device, scale)
+        fwd = torch.compile(vlm) if compile_ else vlm
+        batch = stage2_batch(cfg, B, env.device)
+
+        def step():
+            with env.autocast():
+                loss = fwd(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    return build
+
+# -----------------------------------------------------------------------------------------------------------
+# the same workloads from transformers + peft
+
+
+def hf_autocast(dev, dtype):
+    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def hf_vision_qformer_configs():
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig
+    vision = Blip2VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               image_size=224, patch_size=16, qkv_bias=True)
+    qformer = Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                 intermediate_size=3072, encoder_hidden_size=768, cross_attention_frequency=2,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return vision, qformer
+
+
+def hf_llama_config():
+    from transformers import LlamaConfig as HFLlamaConfig
+    c = LlamaConfig()
+    return HFLlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps,
+                         rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
+                         tie_word_embeddings=True, attn_implementation="sdpa")
+
+
+def hf_stage1_itc(cfg, env, B, dtype):
+    def build():
+        from transformers import Blip2Config, Blip2ForImageTextRetrieval
+        vision, qformer = hf_vision_qformer_configs()
+        qformer.use_qformer_text_input = True  # the text path ITC needs
+        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=32)
+        config._attn_implementation = "sdpa"
+        model = Blip2ForImageTextRetrieval(config).to(env.device)
+        model.vision_model.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                fused=env.device.type == "cuda")
+        batch = random_inputs(B, env.device, cfg.text_len)
+        target = torch.arange(B, device=env.device)
+
+        def step():
+            with hf_autocast(env.device, dtype):
+                out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"], use_image_text_matching_head=False)
+                sim = out.logits_per_image.float() / 0.07
+                loss = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    return build
+
+
+def hf_stage2(cfg, env, B, dtype):
+    def build():
+        from peft import LoraConfig, get_peft_model
+        from transformers import Blip2QFormerModel, Blip2VisionModel, LlamaForCausalLM
+        vision_cfg, qformer_cfg = hf_vision_qformer_configs()
+        vision_cfg._attn_implementation = "sdpa"
+        vision = Blip2VisionModel(vision_cfg).to(env.device).requires_grad_(False)
+        qformer = Blip2QFormerModel(qformer_cfg).to(env.device)
+        query_tokens = nn.Parameter(torch.zeros(1, 32, 768, device=env.device))
+        proj = nn.Sequential(nn.Linear(768, 576), nn.GELU(), nn.Linear(576, 576)).to(env.device)
+        lm = get_peft_model(LlamaForCausalLM(hf_llama_config()).to(env.device),
+                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS.split(",")))
+        opt = torch.optim.AdamW([{"params": list(qformer.parameters()) + [query_tokens], "lr": 1e-5},
+                                 {"params": [p for p in lm.parameters() if p.requires_grad] + list(proj.parameters())}],
+                                lr=1e-4, fused=env.device.type == "cuda")
+        batch = stage2_batch(cfg, B, env.device)
+        labels = batch["lm_ids"].masked_fill(batch["targets"].roll(1, dims=1) == -100, -100)  # HF shifts itself
+
+        def step():
+            with hf_autocast(env.device, dtype):
+                with torch.no_grad():
+                    feats = vision(pixel_values=batch["pixel_values"]).last_hidden_state
+                q = qformer(query_embeds=query_tokens.expand(B, -1, -1), encoder_hidden_states=feats).last_hidden_state
+                emb = lm.get_input_embeddings()(batch["lm_ids"])
+                emb = emb.masked_scatter(batch["image_mask"][..., None], proj(q).to(emb.dtype))
+                loss = lm(inputs_embeds=emb, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    return build
+
+# -----------------------------------------------------------------------------------------------------------
+# FLOPs (for MFU), counted as the work the step needs: frozen layers still pay for the activation gradients
+
+
+def linear_flops(tokens, *shapes):
+    return sum(2 * tokens * i * o for i, o in shapes)
+
+
+def stage2_flops_per_sample(cfg):
+    vit, qf, lm = ViTConfig(), QFormerConfig(), LlamaConfig()
+    n, d, ff = 197, vit.hidden_size, vit.intermediate_size
+    f_vit = vit.num_hidden_layers * (linear_flops(n, (d, d), (d, d), (d, d), (d, d), (d, ff), (ff, d)) + 4 * n * n * d)
+    f_vit += linear_flops(196, (3 * 16 * 16, d))
+    q, h = 32, qf.hidden_size
+    f_q = qf.num_hidden_layers * (linear_flops(q, (h, h), (h, h), (h, h), (h, h), (h, 3072), (3072, h)) + 4 * q * q * h)
+    n_cross = qf.num_hidden_layers // qf.cross_attention_freq
+    f_q += n_cross * (linear_flops(q, (h, h), (h, h)) + linear_flops(n, (d, h), (d, h)) + 4 * q * n * h)
+    f_q += linear_flops(q, (h, lm.hidden_size), (lm.hidden_size, lm.hidden_size))  # projector
+    T, C, kv = cfg.prompt_len + 32 + cfg.caption_len, lm.hidden_size, lm.hidden_size // lm.num_attention_heads * 3
+    per_layer = linear_flops(T, (C, C), (C, kv), (C, kv), (C, C), (C, lm.intermediate_size),
+                             (C, lm.intermediate_size), (lm.intermediate_size, C))
+    attn = 4 * T * T * C // 2  # causal: half the score matrix
+    lora = linear_flops(T, (C, 8), (8, C), (C, 8), (8, kv), (C, 8), (8, kv), (C, 8), (8, C))
+    f_lm = lm.num_hidden_layers * (2 * (per_layer + attn) + 3 * lora)  # forward + activation grads; LoRA: + wgrad
+    f_lm += 2 * linear_flops(cfg.caption_len, (C, lm.vocab_size))  # the head, on caption tokens only
+    return f_vit + 3 * f_q + f_lm
+
+
+def peak_flops(cfg, dev):
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for key, tf in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+    return None
+
+# -----------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_dtype(cfg, dev):
+    """Batch-1 decoding reads every weight once per token, so it is bound by memory bandwidth: half-width
+    weights win even on a CPU without bf16 units, where bf16 *matmuls* lose. A matrix-vector probe decides."""
+    if cfg.decode_dtype != "auto":
+        return getattr(torch, cfg.decode_dtype)
+    if dev.type == "cuda":
+        return torch.bfloat16
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        w, x = torch.randn(8192, 2048).to(dt), torch.randn(1, 2048).to(dt)  # 64 MB in fp32: not in cache
+        F.linear(x, w)
+        t = time.perf_counter()
+        for _ in range(5):
+            F.linear(x, w)
+        times[dt] = time.perf_counter() - t
+    return min(times, key=times.get)
+
+
+def bench_decode(cfg, env, results, compile_):
+    dev, N, T = env.device, cfg.new_tokens, cfg.prompt_len + 32 + cfg.caption_len
+    dt = decode_dtype(cfg, dev)
+    ours = Llama(LlamaConfig()).to(dev, dt).eval()
+    if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)
+        ours.compile_decode("reduce-overhead", whole=True) if dev.type == "cuda" else ours.compile_decode()
+    hf = None
+    if cfg.baseline:
+        from transformers import LlamaForCausalLM
+        hf = LlamaForCausalLM(hf_llama_config()).to(dev).eval()
+        hf.load_state_dict(ours.state_dict(), strict=False)  # same weights (RoPE tables are not in the state)
+        hf.to(getattr(torch, cfg.baseline_weights))
+    for B in (1, cfg.decode_batch):
+        ids = torch.randint(10, 49000, (B, T), generator=torch.Generator().manual_seed(B)).to(dev)
+        run_ours = lambda n: ours.generate(input_ids=ids, max_new_tokens=n, eos_token_id=-1, fast=True)
+        def run_hf(n):
+            with hf_autocast(dev, getattr(torch, cfg.baseline_dtype)):
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+        sides = [("", run_ours)] + ([("baseline_", run_hf)] if hf is not None else [])
+        for prefix, run in sides:  # warm-up: compilation, CUDA graphs, allocator
+            run(N)
+            run(1)
+        # time to first token = a 1-token generate; tokens/s = the steady decode rate after it
+        first = [Side(lambda r=run: (lambda: r(1)), dev, warmup=0) for _, run in sides]
+        full = [Side(lambda r=run: (lambda: r(N)), dev, warmup=0) for _, run in sides]
+        t1, tn = race(first, cfg, dev, steps=2), race(full, cfg, dev, steps=1)
+        for (prefix, _), a, b in zip(sides, t1, tn):
+            results[f"{prefix}decode_b{B}_ttft_ms"] = a * 1e3
+            results[f"{prefix}decode_b{B}_tokens_per_s"] = B * (N - 1) / max(b - a, 1e-9)
+    results["decode_dtype"] = str(dt).replace("torch.", "")
+
+# -----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv=argv)
+    env = Env(cfg.device, cfg.dtype)
+    dev, gpu = env.device, env.device.type == "cuda"
+    for name, gpu_v, cpu_v in [("stage1_batch", 128, 2), ("stage2_batch", 64, 2), ("decode_batch", 64, 4),
+                               ("steps", 10, 1), ("warmup", 3, 1), ("rounds", 3, 2), ("new_tokens", 128, 24)]:
+        if not getattr(cfg, name):
+            setattr(cfg, name, gpu_v if gpu else cpu_v)
+    base_dt = getattr(torch, cfg.baseline_dtype)
+    compile_ = gpu if cfg.compile == "auto" else cfg.compile in ("1", "true", "yes", "on")
+    compile_decode = cfg.compile == "auto" or compile_
+    only = set(cfg.only.split(",")) if cfg.only else {"stage1_itc", "stage1_all", "stage2", "decode"}
+    name = torch.cuda.get_device_name(dev) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    log = (lambda *a: None) if cfg.json else print
+    log(f"device {name}; ours {env.dtype} (compile: train {compile_}, decode {compile_decode}); baseline: "
+        + (f"{cfg.baseline_weights} weights, {cfg.baseline_dtype} autocast" if cfg.baseline else "off"))
+    results = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "dtype": str(env.dtype).replace("torch.", ""), "baseline_dtype": cfg.baseline_dtype,
+               "baseline_weights": cfg.baseline_weights,
+               "compile_train": compile_, "compile_decode": compile_decode}
+
+    def compare(key, per_step_samples, ours_build, base_build, flops=None):
+        sides = [Side(b, dev, cfg.warmup) for b in [ours_build, base_build if cfg.baseline else None] if b]
+        times = race(sides, cfg, dev)
+        for prefix, s, t in zip(["", "baseline_"], sides, times):
+            results[f"{prefix}{key}_samples_per_s"] = per_step_samples / t
+            if s.peak_gb is not None:
+                results[f"{prefix}{key}_peak_mem_gb"] = s.peak_gb
+        if flops and peak_flops(cfg, dev):
+            results[f"{key}_mfu"] = flops * results[f"{key}_samples_per_s"] / peak_flops(cfg, dev)
+        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in results.items() if k.startswith((key, "baseline_" + key))))
+
+    B1, B2 = cfg.stage1_batch, cfg.stage2_batch
+    if "stage1_itc" in only:
+        compare("stage1_itc", B1, ours_stage1(cfg, env, B1, ["itc"], compile_), hf_stage1_itc(cfg, env, B1, base_dt))
+    if "stage1_all" in only:  # transformers has no trainable ITG for BLIP-2's Q-Former: no baseline here
+        compare("stage1_all", B1, ours_stage1(cfg, env, B1, ["itc", "itm", "itg"], compile_), None)
+    if "stage2" in only:
+        T = cfg.prompt_len + 32 + cfg.caption_len
+        compare("stage2", B2, ours_stage2(cfg, env, B2, compile_), hf_stage2(cfg, env, B2, base_dt),
+                stage2_flops_per_sample(cfg))
+        results["stage2_tokens_per_s"] = results["stage2_samples_per_s"] * T
+        if cfg.baseline:
+            results["baseline_stage2_tokens_per_s"] = results["baseline_stage2_samples_per_s"] * T
+    if "decode" in only:
+        bench_decode(cfg, env, results, compile_decode)
+        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in results.items() if "decode" in k))
+    for k in [k for k in results if k.startswith("baseline_") and k.endswith("_per_s")]:
+        ours_key = k[len("baseline_"):]
+        results[f"ratio_{ours_key}"] = results[ours_key] / results[k]
+    if not gpu:
+        results["cpu_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if cfg.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+    else:
+        for k, v in results.items():
+            if k.startswith("ratio_"):
+                print(f"{k[len('ratio_'):]}: ours / baseline = {v:.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()
