@@ -58,6 +58,7 @@ class Stage2Config(TrainConfig):
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     freeze_qformer: bool = False
     replay_ratio: float = 0.125        # share of samples that are text-only turns with the base LM's own answers
+    replay_tokens: int = 24            # answer tokens kept per replayed turn (longer rows would pad whole batches)
     qformer_lr_scale: float = 0.1      # the Q-Former trains on at lr * this
     merge: bool = False                # also write the LM with LoRA merged in, as safetensors
     max_caption_tokens: int = 48
@@ -192,7 +193,7 @@ class Stage2Collate:
 
 
 @torch.no_grad()
-def base_answers(model, questions, path, max_new_tokens=64):
+def base_answers(model, questions, path, max_new_tokens=24):
     """The base LM's greedy answers (token ids, with <|im_end|> when it finished) to text-only questions,
     made once and kept in path (reused on --resume)."""
     if os.path.exists(path):
@@ -287,7 +288,7 @@ def main(argv=None):
     model.eval()
     with env.autocast():
         before = retention_probe(model)
-        replay = base_answers(model, REPLAY_QUESTIONS, os.path.join(cfg.out_dir, "replay.json")) \
+        replay = base_answers(model, REPLAY_QUESTIONS, os.path.join(cfg.out_dir, "replay.json"), cfg.replay_tokens) \
             if cfg.replay_ratio > 0 else []
     lora.apply_lora(model.llm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.qformer.requires_grad_(not cfg.freeze_qformer)

@@ -136,8 +136,9 @@ class Env:
 
 
 def fastest_dtype(device):
-    """bf16 on GPUs; on a CPU, bf16 only where it has bf16 matrix units. Without them bf16 matmuls are emulated
-    and were measured ~400x slower than fp32 on a 2-core AVX2 machine, so a 20 ms probe decides."""
+    """bf16 on GPUs; on a CPU, bf16 only where it has bf16 matrix units. Without them bf16 matmuls are emulated:
+    4-5x slower than fp32 at the LM's training shapes on a 2-core AVX2 machine, so a 20 ms probe decides.
+    (Decoding at batch 1 is another matter, see bench.decode_dtype.)"""
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     times = {}
