@@ -17,7 +17,7 @@ import json
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,8 @@ class BenchConfig:
     decode_dtype: str = "auto"       # ours, decoding: bf16 where a memory-bound matvec is faster in it
     baseline: bool = False
     baseline_dtype: str = "bfloat16" # the baseline's autocast dtype, as a user would turn it on
-    baseline_weights: str = "float32"  # the baseline's weight dtype (bfloat16: transformers' dtype=torch.bfloat16)
+    baseline_weights: str = "auto"   # the baseline's weight dtype when decoding: bf16 on a GPU (dtype=torch.bfloat16,
+                                     # as users load it there), fp32 on a CPU (transformers' default)
     compile: str = "auto"            # torch.compile ours: auto = train steps on CUDA, the decode step everywhere
     only: str = ""                   # comma list of stage1_itc, stage1_all, stage2, decode
     stage1_batch: int = 0            # 128 / 2
@@ -348,6 +349,8 @@ def main(argv=None):
                                ("steps", 10, 1), ("warmup", 3, 1), ("rounds", 3, 2), ("new_tokens", 128, 24)]:
         if not getattr(cfg, name):
             setattr(cfg, name, gpu_v if gpu else cpu_v)
+    if cfg.baseline_weights == "auto":
+        cfg.baseline_weights = "bfloat16" if gpu else "float32"
     base_dt = getattr(torch, cfg.baseline_dtype)
     compile_ = gpu if cfg.compile == "auto" else cfg.compile in ("1", "true", "yes", "on")
     compile_decode = cfg.compile == "auto" or compile_
