@@ -28,7 +28,7 @@ from model import Llama, LlamaConfig, ViT, ViTConfig
 from qformer import QFormer, QFormerConfig
 from train_qformer import Stage1
 from train_vlm import VLM
-from trainer import Env, make_optimizer, parse_config
+from trainer import Env, faster_dtype, make_optimizer, parse_config
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' data sheets
@@ -65,7 +65,7 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def median_time(fn, steps, dev):
+def seconds_per_step(fn, steps, dev):
     sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
@@ -93,7 +93,7 @@ def race(sides, cfg, dev, steps=None):
     """Alternate timed rounds between the sides; -> median seconds per step, per side."""
     for _ in range(cfg.rounds):
         for s in sides:
-            s.times.append(median_time(s.step, steps or cfg.steps, dev))
+            s.times.append(seconds_per_step(s.step, steps or cfg.steps, dev))
     return [statistics.median(s.times) for s in sides]
 
 # -----------------------------------------------------------------------------------------------------------
@@ -295,15 +295,10 @@ def decode_dtype(cfg, dev):
         return getattr(torch, cfg.decode_dtype)
     if dev.type == "cuda":
         return torch.bfloat16
-    times = {}
-    for dt in (torch.float32, torch.bfloat16):
+    def matvec(dt):
         w, x = torch.randn(8192, 2048).to(dt), torch.randn(1, 2048).to(dt)  # 64 MB in fp32: not in cache
-        F.linear(x, w)
-        t = time.perf_counter()
-        for _ in range(5):
-            F.linear(x, w)
-        times[dt] = time.perf_counter() - t
-    return min(times, key=times.get)
+        return lambda: F.linear(x, w)
+    return faster_dtype(matvec, reps=5)
 
 
 def bench_decode(cfg, env, results, compile_):
@@ -364,6 +359,9 @@ def main(argv=None):
                "baseline_weights": cfg.baseline_weights,
                "compile_train": compile_, "compile_decode": compile_decode}
 
+    def show(wanted):  # one line of the results gathered so far whose keys are wanted
+        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items() if wanted(k)))
+
     def compare(key, per_step_samples, ours_build, base_build, flops=None):
         sides = [Side(b, dev, cfg.warmup) for b in [ours_build, base_build if cfg.baseline else None] if b]
         times = race(sides, cfg, dev)
@@ -373,8 +371,7 @@ def main(argv=None):
                 results[f"{prefix}{key}_peak_mem_gb"] = s.peak_gb
         if flops and peak_flops(cfg, dev):
             results[f"{key}_mfu"] = flops * results[f"{key}_samples_per_s"] / peak_flops(cfg, dev)
-        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in results.items() if k.startswith((key, "baseline_" + key))))
+        show(lambda k: k.startswith((key, "baseline_" + key)))
 
     B1, B2 = cfg.stage1_batch, cfg.stage2_batch
     if "stage1_itc" in only:
@@ -390,8 +387,7 @@ def main(argv=None):
             results["baseline_stage2_tokens_per_s"] = results["baseline_stage2_samples_per_s"] * T
     if "decode" in only:
         bench_decode(cfg, env, results, compile_decode)
-        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in results.items() if "decode" in k))
+        show(lambda k: "decode" in k)
     for k in [k for k in results if k.startswith("baseline_") and k.endswith("_per_s")]:
         ours_key = k[len("baseline_"):]
         results[f"ratio_{ours_key}"] = results[ours_key] / results[k]

@@ -225,6 +225,11 @@ class KVCache:
         return self.k[layer_idx, :, :, :self.pos + T], self.v[layer_idx, :, :, :self.pos + T]
 
 
+def call_layer(block, *args):
+    """block(*args) as a plain function: compiled, one graph then serves every layer (see compile_decode)."""
+    return block(*args)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -281,7 +286,7 @@ class Llama(nn.Module):
         growing cache: exp(-inf) adds exact zeros."""
         cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
-        run = getattr(self, "_decode_layer", None) or (lambda block, *a: block(*a))
+        run = getattr(self, "_decode_layer", call_layer)
         for i, block in enumerate(self.model.layers):
             x = run(block, x, cos, sin, mask, (cache.k[i], cache.v[i], slot))
         return self.lm_head(self.model.norm(x))[:, -1]
@@ -294,8 +299,7 @@ class Llama(nn.Module):
         if whole:
             self._decode = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
         else:
-            self._decode_layer = torch.compile(lambda block, *a: block(*a), mode=mode, fullgraph=True,
-                                               dynamic=False)
+            self._decode_layer = torch.compile(call_layer, mode=mode, fullgraph=True, dynamic=False)
         return self
 
     @torch.no_grad()
@@ -309,7 +313,7 @@ class Llama(nn.Module):
         B, T = x.shape[:2]
         am = torch.ones(B, T, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask
         S = T + max_new_tokens
-        cache = KVCache(self.config, B, S, x.device, x.dtype) if use_cache else None
+        cache = KVCache(self.config, B, S, x.device, x.dtype) if use_cache and not fast else None
         if fast:
             step = getattr(self, "_decode", self.decode_step)
             # one cache per shape, kept between calls: a replayed CUDA graph writes to fixed addresses

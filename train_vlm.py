@@ -115,8 +115,9 @@ class VLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[where])
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, prompts=None, system=None, **kw):
-        """Greedy/sampled replies for a batch (images optional: text-only chat when None). -> list of str."""
+    def generate_ids(self, pixel_values=None, prompts=None, system=None, **kw):
+        """New token ids [B, n] for a batch (images optional: text-only chat when None); rows that finished
+        early are padded with <|im_end|>."""
         dev = self.projector[0].weight.device
         n = len(pixel_values) if pixel_values is not None else len(prompts)
         prompts = prompts or [USER_PROMPTS[0]] * n
@@ -132,7 +133,11 @@ class VLM(nn.Module):
             x = self.embed(ids, img_mask, self.image_embeds(pixel_values.to(dev)))
         else:
             x = self.llm.model.embed_tokens(ids)
-        out = self.llm.generate(inputs_embeds=x, attention_mask=am, eos_token_id=EOS_ID, **kw)
+        return self.llm.generate(inputs_embeds=x, attention_mask=am, eos_token_id=EOS_ID, **kw)
+
+    def generate(self, pixel_values=None, prompts=None, system=None, **kw):
+        """Greedy/sampled replies for a batch (images optional: text-only chat when None). -> list of str."""
+        out = self.generate_ids(pixel_values, prompts, system, **kw)
         return [self.tok.decode([t for t in row if t != EOS_ID]).strip() for row in out.tolist()]
 
 # -----------------------------------------------------------------------------------------------------------
@@ -181,8 +186,8 @@ class Stage2Collate:
         batch["image_mask"] = torch.tensor([s[1] + [False] * (T - len(s[1])) for s in seqs])
         batch["targets"] = torch.tensor([s[2] + [-100] * (T - len(s[2])) for s in seqs])
         # only the rows with image placeholders: their embeddings fill the placeholders in row order
-        batch["pixel_values"] = torch.stack([s[0] for s, w in zip(good, with_image) if w] or
-                                            [torch.zeros_like(good[0][0])])[:sum(with_image)]
+        pix = [s[0] for s, w in zip(good, with_image) if w]
+        batch["pixel_values"] = torch.stack(pix) if pix else torch.zeros(0, *good[0][0].shape)
         batch["captions"] = [s[1] for s in good]
         batch["keys"] = [s[2] for s in good]
         batch["index"] = torch.tensor([s[3] for s in good])
@@ -198,12 +203,7 @@ def base_answers(model, questions, path, max_new_tokens=24):
     made once and kept in path (reused on --resume)."""
     if os.path.exists(path):
         return [(q, ids) for q, ids in json.load(open(path))]
-    dev = model.projector[0].weight.device
-    rows = [prompt_ids(model.tok, DEFAULT_SYSTEM, q, 0)[0] for q in questions]
-    T = max(map(len, rows))
-    ids = torch.tensor([[EOS_ID] * (T - len(r)) + r for r in rows], device=dev)
-    am = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
-    out = model.llm.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, eos_token_id=EOS_ID)
+    out = model.generate_ids(prompts=questions, max_new_tokens=max_new_tokens)
     answers = []
     for q, row in zip(questions, out.tolist()):
         answers.append((q, row[:row.index(EOS_ID) + 1] if EOS_ID in row else row))

@@ -141,15 +141,23 @@ def fastest_dtype(device):
     (Decoding at batch 1 is another matter, see bench.decode_dtype.)"""
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    times = {}
-    for dt in (torch.float32, torch.bfloat16):
+    def matmul(dt):
         a = torch.randn(256, 256, dtype=dt)
-        a @ a
+        return lambda: a @ a
+    return "bfloat16" if faster_dtype(matmul) == torch.bfloat16 else "float32"
+
+
+def faster_dtype(make_op, reps=3, dtypes=(torch.float32, torch.bfloat16)):
+    """Of dtypes, the one in which make_op(dtype)() runs fastest (after one untimed call)."""
+    times = {}
+    for dt in dtypes:
+        op = make_op(dt)
+        op()
         t = time.perf_counter()
-        for _ in range(3):
-            a @ a
+        for _ in range(reps):
+            op()
         times[dt] = time.perf_counter() - t
-    return "bfloat16" if times[torch.bfloat16] < times[torch.float32] else "float32"
+    return min(times, key=times.get)
 
 
 def lr_at(step, max_steps, lr, min_lr, warmup):
