@@ -315,22 +315,39 @@ def bench_decode(cfg, env, results, compile_):
         hf.to(getattr(torch, cfg.baseline_weights))
     for B in (1, cfg.decode_batch):
         ids = torch.randint(10, 49000, (B, T), generator=torch.Generator().manual_seed(B)).to(dev)
-        run_ours = lambda n: ours.generate(input_ids=ids, max_new_tokens=n, eos_token_id=-1, fast=True)
-        def run_hf(n):
+
+        def run_ours(stamp):
+            ours.generate(input_ids=ids, max_new_tokens=N, eos_token_id=-1, fast=True, on_token=lambda t: stamp())
+
+        def run_hf(stamp):
+            class Streamer:  # generate() calls put() with the prompt, then once per new token
+                def put(self, value):
+                    stamp()
+
+                def end(self):
+                    pass
             with hf_autocast(dev, getattr(torch, cfg.baseline_dtype)):
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
-        sides = [("", run_ours)] + ([("baseline_", run_hf)] if hf is not None else [])
-        for prefix, run in sides:  # warm-up: compilation, CUDA graphs, allocator
-            run(N)
-            run(1)
-        # time to first token = a 1-token generate; tokens/s = the steady decode rate after it
-        first = [Side(lambda r=run: (lambda: r(1)), dev, warmup=0) for _, run in sides]
-        full = [Side(lambda r=run: (lambda: r(N)), dev, warmup=0) for _, run in sides]
-        t1, tn = race(first, cfg, dev, steps=2), race(full, cfg, dev, steps=1)
-        for (prefix, _), a, b in zip(sides, t1, tn):
-            results[f"{prefix}decode_b{B}_ttft_ms"] = a * 1e3
-            results[f"{prefix}decode_b{B}_tokens_per_s"] = B * (N - 1) / max(b - a, 1e-9)
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                            do_sample=False, pad_token_id=0, streamer=Streamer())
+        sides = [("", run_ours, 0)] + ([("baseline_", run_hf, 1)] if hf is not None else [])
+        ttft, rate = {p: [] for p, _, _ in sides}, {p: [] for p, _, _ in sides}
+        for r in range(1 + cfg.rounds):  # round 0 is warm-up: compilation, CUDA graphs, allocator
+            for prefix, run, skip in sides:
+                # each token is timed as it comes out (a sync per token, as a streaming user sees it):
+                # time to first token, then the steady rate between the first and the last token
+                stamps = []
+                def stamp():
+                    sync(dev)
+                    stamps.append(time.perf_counter())
+                t0 = time.perf_counter()
+                run(stamp)
+                stamps = stamps[skip:]
+                if r > 0:
+                    ttft[prefix].append(stamps[0] - t0)
+                    rate[prefix].append(B * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        for prefix, _, _ in sides:
+            results[f"{prefix}decode_b{B}_ttft_ms"] = statistics.median(ttft[prefix]) * 1e3
+            results[f"{prefix}decode_b{B}_tokens_per_s"] = statistics.median(rate[prefix])
     results["decode_dtype"] = str(dt).replace("torch.", "")
 
 # -----------------------------------------------------------------------------------------------------------
