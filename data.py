@@ -106,6 +106,12 @@ def canonical(scene):
     return "3|" + "|".join(names[i] for i in order)
 
 
+def object_count(key):
+    """How many objects a shapes key (canonical()) names; None for any other key (a real caption)."""
+    head, bar, _ = key.partition("|")
+    return int(head) if bar and head in ("1", "2", "3") else None
+
+
 def shape_caption(scene):
     rng, objs = scene["rng"], scene["objects"]
     name = [f"{o[0]} {o[1]} {o[2]}" for o in objs]

@@ -418,6 +418,8 @@ def test_shapes_deterministic_and_splits_disjoint():
     assert not np.array_equal(np.asarray(a), np.asarray(c))
     scenes = [data.shape_scene(0, i) for i in range(300)]
     assert {len(s["objects"]) for s in scenes} == {1, 2, 3}
+    assert all(data.object_count(data.canonical(s)) == len(s["objects"]) for s in scenes)
+    assert data.object_count("a red circle") is None and data.object_count("3 cats|x") is None
     assert len({o[1] for s in scenes for o in s["objects"]}) >= 6 and len({o[2] for s in scenes for o in s["objects"]}) == 4
     # a caption names every object's colour and shape, and the judge agrees with the generator
     for i in range(50):
@@ -471,6 +473,11 @@ def test_stage1_exact_resume(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     evals = [r for r in full if r.get("eval")]
     assert {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "itm_acc", "itg_loss"} <= set(evals[-1])
+    # shapes data: recall per object count, which must bracket the overall recall
+    e = evals[-1]
+    per_count = [e[k] for k in e if k.startswith("i2t_r5_") and k.endswith("obj")]
+    assert per_count and min(per_count) - 1e-6 <= e["i2t_r5"] <= max(per_count) + 1e-6, e
+    assert 0.0 <= e["i2t_top1_wrong_count"] <= 1.0
 
 
 def test_stage1_ddp_two_processes_equals_one(tmp_path):

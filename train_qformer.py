@@ -44,6 +44,7 @@ class Stage1Config(TrainConfig):
     max_text_len: int = 32
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
     losses: str = "itc,itm,itg"
+    itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     fresh_lr_scale: float = 1.0   # lr multiplier for what a checkpoint did not initialise
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
 
@@ -53,9 +54,9 @@ PRESETS = {
     # one and it trains along with the Q-Former (README: frozen vs trained, measured).
     "shapes": dict(vit="random", vit_patch_size=8, vit_hidden_size=160, vit_layers=3, vit_heads=4, train_vit=True,
                    bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1, num_query_tokens=16,
-                   losses="itc", data="shapes", image_size=64, batch_size=64, max_steps=150, warmup_steps=10,
-                   lr=3e-4, min_lr=3e-5, eval_interval=75, eval_samples=1000, itm_rerank_k=8, log_interval=10,
-                   num_workers=0, dropout=0.0, out_dir="out/shapes-qformer"),
+                   losses="itc", itc_temp=0.02, data="shapes", image_size=64, batch_size=64, max_steps=150,
+                   warmup_steps=10, lr=3e-4, min_lr=3e-5, eval_interval=75, eval_samples=1000, itm_rerank_k=8,
+                   log_interval=10, num_workers=0, dropout=0.0, out_dir="out/shapes-qformer"),
     # a few-second configuration for tests
     "tiny": dict(vit="random", vit_patch_size=8, vit_hidden_size=32, vit_layers=1, vit_heads=2, bert="minilm",
                  bert_layers=1,
@@ -203,6 +204,14 @@ def evaluate(cfg, model, ds, collate, env):
     for name, s in (("i2t", sim), ("t2i", sim.t())):
         for k, v in recall_at(s, correct).items():
             m[f"{name}_r{k}"] = v
+    counts = [data.object_count(k) for k in keys]
+    if None not in counts:  # shapes data: where the misses are, by the number of objects in the image
+        n_obj = torch.tensor(counts, device=sim.device)
+        for c in sorted(set(counts)):
+            sel = n_obj == c
+            m[f"i2t_r5_{c}obj"] = recall_at(sim[sel], correct[sel], (5,))[5]
+            m[f"t2i_r5_{c}obj"] = recall_at(sim.t()[sel], correct.t()[sel], (5,))[5]
+        m["i2t_top1_wrong_count"] = (n_obj[sim.argmax(1)] != n_obj).float().mean().item()
     p = correct.float().mean(1)  # chance: a random ranking's R@K
     m["chance_r1"], m["chance_r5"] = p.mean().item(), (1 - (1 - p) ** 5).mean().item()
     if "itm" in losses:
@@ -279,6 +288,8 @@ def main(argv=None):
     losses = [x for x in cfg.losses.split(",") if x]
     assert losses and set(losses) <= {"itc", "itm", "itg"}, f"--losses takes a subset of itc,itm,itg: {cfg.losses}"
     vit, qformer, tok, bert_src = build_models(cfg)
+    with torch.no_grad():
+        qformer.temp.fill_(cfg.itc_temp)
     model = Stage1(vit, qformer, cfg.train_vit).to(env.device)
     env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M ({'trained' if cfg.train_vit else 'frozen'}),"
               f" Q-Former {sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, "
