@@ -178,8 +178,8 @@ def make_optimizer(params, lr, weight_decay, device, lr_scale=None):
             groups.setdefault(key, []).append(p)
     param_groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
                     for (decay, scale), ps in groups.items()]
-    # one fused kernel instead of a Python loop over tensors: on the 2-core CPU the loop took 0.14 s of the shapes
-    # preset's 1.6 s step (23M parameters), the fused step 0.025 s
+    # one fused kernel instead of a Python loop over tensors: for the shapes preset's 23M parameters on the 2-core
+    # CPU the loop took 0.14 s per step (a batch-64 step took 1.6 s), the fused kernel 0.025 s
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.98), fused=fused)
 
