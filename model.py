@@ -296,10 +296,14 @@ class Llama(nn.Module):
         compiling takes seconds instead of minutes on a CPU; whole=True compiles the full step as one graph,
         which mode='reduce-overhead' then replays as one CUDA graph per token (launches are what limits
         batch-1 decoding on a GPU)."""
+        # A CPU matrix-vector product (one row: batch-1 decoding) is faster as the fused multiply + sum that
+        # inductor's "decompose_mm_pass" writes (bf16 weights converted in registers as they stream by) than
+        # as BLAS's bf16 gemv. torch.compile takes a mode or options, not both; GPUs use the mode.
+        kw = {"mode": mode} if mode else {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
         if whole:
-            self._decode = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
         else:
-            self._decode_layer = torch.compile(call_layer, mode=mode, fullgraph=True, dynamic=False)
+            self._decode_layer = torch.compile(call_layer, fullgraph=True, dynamic=False, **kw)
         return self
 
     @torch.no_grad()

@@ -771,6 +771,12 @@ def test_fast_decode_gives_the_same_tokens():
     assert torch.equal(m.generate(**kw, **sample, fast=True, generator=torch.Generator().manual_seed(3)), ref)
     m.compile_decode()
     assert torch.equal(m.generate(**kw, fast=True), plain)
+    # one row: the compiled step's matrix-vector products become fused multiply + sums on a CPU
+    from torch._dynamo.utils import counters
+    counters.clear()
+    one = dict(kw, input_ids=ids[1:2], attention_mask=am[1:2])
+    assert torch.equal(m.generate(**one, fast=True), m.generate(**one))
+    assert counters["inductor"]["decompose_mm"] > 0
     # stopping: a row that emits eos is padded with eos afterwards, as in the plain loop
     eos = int(plain[0, 2])
     assert torch.equal(m.generate(**{**kw, "eos_token_id": eos}, fast=True), m.generate(**{**kw, "eos_token_id": eos}))
