@@ -225,6 +225,19 @@ class KVCache:
         return self.k[layer_idx, :, :, :self.pos + T], self.v[layer_idx, :, :, :self.pos + T]
 
 
+def matvec_options():
+    """A CPU matrix-vector product (one row: batch-1 decoding) runs faster as the fused multiply + sum that
+    inductor's "decompose_mm_pass" writes (bf16 weights converted in registers as they stream by) than as BLAS's
+    bf16 gemv. Older torch releases name the pass differently or apply it on CUDA only: then no options."""
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_module
+    except ImportError:
+        return {}
+    if not hasattr(pass_module, "CPU_MAX_FIRST_DIMENSION_DECOMPOSITION"):
+        return {}
+    return {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
+
+
 def call_layer(block, *args):
     """block(*args) as a plain function: compiled, one graph then serves every layer (see compile_decode)."""
     return block(*args)
@@ -296,10 +309,7 @@ class Llama(nn.Module):
         compiling takes seconds instead of minutes on a CPU; whole=True compiles the full step as one graph,
         which mode='reduce-overhead' then replays as one CUDA graph per token (launches are what limits
         batch-1 decoding on a GPU)."""
-        # A CPU matrix-vector product (one row: batch-1 decoding) is faster as the fused multiply + sum that
-        # inductor's "decompose_mm_pass" writes (bf16 weights converted in registers as they stream by) than
-        # as BLAS's bf16 gemv. torch.compile takes a mode or options, not both; GPUs use the mode.
-        kw = {"mode": mode} if mode else {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
+        kw = {"mode": mode} if mode else matvec_options()  # torch.compile takes a mode or options, not both
         if whole:
             self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
         else:
