@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models
 
 import lora
 from load_weights import WeightLoadError, load_llm, load_qformer, load_vit, offline_paths, load_bert_tokenizer
-from model import KVCache, Llama, LlamaConfig, sample_next
+from model import KVCache, Llama, LlamaConfig, matvec_options, sample_next
 from qformer import QFormerConfig, QFormer, bidirectional_mask, multimodal_causal_mask
 
 transformers = pytest.importorskip("transformers")  # parity needs the reference; CI installs it
@@ -776,7 +776,7 @@ def test_fast_decode_gives_the_same_tokens():
     counters.clear()
     one = dict(kw, input_ids=ids[1:2], attention_mask=am[1:2])
     assert torch.equal(m.generate(**one, fast=True), m.generate(**one))
-    assert counters["inductor"]["decompose_mm"] > 0
+    assert counters["inductor"]["decompose_mm"] > 0 or not matvec_options()  # older torch: no such pass
     # stopping: a row that emits eos is padded with eos afterwards, as in the plain loop
     eos = int(plain[0, 2])
     assert torch.equal(m.generate(**{**kw, "eos_token_id": eos}, fast=True), m.generate(**{**kw, "eos_token_id": eos}))
