@@ -55,6 +55,7 @@ class ViTConfig:
     intermediate_size: int = 3072
     layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
+    stem_channels: int = 0  # 0: the patch projection, as in ViT; C > 0: a convolutional stem (ConvStem)
 
 
 class ViTSelfAttention(nn.Module):
@@ -85,12 +86,31 @@ class ViTBlock(nn.Module):
         return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
 
 
+class ConvStem(nn.Sequential):
+    """In place of the patch projection, for a ViT trained from scratch (Xiao et al. 2021, "Early Convolutions
+    Help Transformers See Better"): log2(patch_size) stride-2 3x3 convolutions with C, 2C, 4C, ... channels, each
+    with BatchNorm and ReLU, then a 1x1 convolution to the width. Same token grid as the patches. BatchNorm, as
+    in the paper: GroupNorm(1, C) in its place learnt almost nothing on the shapes preset (README). So a frozen
+    ViT must stay in eval mode, and under DDP each process normalises with its own batch's statistics."""
+
+    def __init__(self, cfg):
+        n = cfg.patch_size.bit_length() - 1
+        assert cfg.patch_size == 2 ** n, f"a conv stem needs a power-of-two patch size, got {cfg.patch_size}"
+        layers, c_in = [], cfg.num_channels
+        for i in range(n):
+            c = cfg.stem_channels * 2 ** i
+            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            c_in = c
+        super().__init__(*layers, nn.Conv2d(c_in, cfg.hidden_size, 1))
+
+
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embeddings = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.patch_embeddings = ConvStem(cfg) if cfg.stem_channels else \
+            nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + n_patches, cfg.hidden_size))
         self.layer = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_hidden_layers))
@@ -98,6 +118,10 @@ class ViT(nn.Module):
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+        if cfg.stem_channels:  # a conv net's own init (PyTorch's default, Kaiming-uniform), not N(0, 0.02)
+            for m in self.patch_embeddings.modules():
+                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                    m.reset_parameters()
 
     def forward(self, pixel_values):
         """pixel_values [B,3,H,W] in [-1, 1] -> last hidden state [B, 1+N, D]."""

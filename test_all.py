@@ -49,6 +49,38 @@ def test_vit_parity(tmp_path, layout):
     print(f"ViT ({layout}) max abs diff {d:.2e}")
     assert d <= ATOL
 
+def test_conv_stem_token_grid_and_frozen_vit_stays_in_eval():
+    """The random ViT's convolutional stem gives the patch projection's token grid; in eval mode one image's
+    tokens do not depend on the rest of the batch; a frozen ViT (stage 1 with train_vit off, and stage 2) stays
+    in eval mode through .train(), so its BatchNorm statistics never move."""
+    from model import ViT, ViTConfig
+    import train_qformer
+    import train_vlm
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, stem_channels=4)
+    vit = ViT(cfg)
+    assert [m.out_channels for m in vit.patch_embeddings if isinstance(m, torch.nn.Conv2d)] == [4, 8, 16, 32]
+    x = torch.randn(3, 3, 32, 32)
+    vit.train()(x)  # batch statistics: the running ones move
+    vit.eval()
+    out = vit(x)
+    assert out.shape == (3, 1 + 16, 32)
+    x[1:] = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(vit(x)[0], out[0], atol=1e-6)
+    with pytest.raises(AssertionError, match="power-of-two"):
+        ViT(ViTConfig(image_size=36, patch_size=6, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, stem_channels=4))
+    frozen = train_qformer.Stage1(vit, torch.nn.Linear(1, 1), train_vit=False).train()
+    assert frozen.training and not any(m.training for m in vit.modules())
+    assert train_qformer.Stage1(vit, torch.nn.Linear(1, 1), train_vit=True).train().vit.training
+    vit.train()
+    vlm = train_vlm.VLM.__new__(train_vlm.VLM)
+    torch.nn.Module.__init__(vlm)
+    vlm.vit = vit
+    assert not vlm.train().vit.training
+
+
 # ---------------------------------------------------------------------------------------------------- BERT / Q-Former
 
 

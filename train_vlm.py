@@ -90,6 +90,11 @@ class VLM(nn.Module):
         h, d = qformer.config.hidden_size, llm.config.hidden_size
         self.projector = nn.Sequential(nn.Linear(h, d), nn.GELU(), nn.Linear(d, d))
 
+    def train(self, mode=True):
+        super().train(mode)
+        self.vit.eval()  # the ViT is frozen in stage 2: no BatchNorm statistics updated (a conv stem), no dropout
+        return self
+
     def image_embeds(self, pixel_values):
         """[B,3,H,W] -> [B, n_query, lm_hidden]: the LM's view of the image."""
         with torch.no_grad():
@@ -315,7 +320,6 @@ def main(argv=None):
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
     fwd = torch.compile(model) if cfg.compile else model
     model.train()
-    model.vit.eval()
 
     def step_fn(batch, ddp_model):
         loss = (ddp_model if env.world > 1 else fwd)(batch)
