@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models
 
 import lora
 from load_weights import WeightLoadError, load_llm, load_qformer, load_vit, offline_paths, load_bert_tokenizer
-from model import KVCache, Llama, LlamaConfig, matvec_options, sample_next
+from model import KVCache, Llama, LlamaConfig, ViT, ViTConfig, matvec_options, sample_next
 from qformer import QFormerConfig, QFormer, bidirectional_mask, multimodal_causal_mask
 
 transformers = pytest.importorskip("transformers")  # parity needs the reference; CI installs it
@@ -49,11 +49,11 @@ def test_vit_parity(tmp_path, layout):
     print(f"ViT ({layout}) max abs diff {d:.2e}")
     assert d <= ATOL
 
+
 def test_conv_stem_token_grid_and_frozen_vit_stays_in_eval():
     """The random ViT's convolutional stem gives the patch projection's token grid; in eval mode one image's
     tokens do not depend on the rest of the batch; a frozen ViT (stage 1 with train_vit off, and stage 2) stays
     in eval mode through .train(), so its BatchNorm statistics never move."""
-    from model import ViT, ViTConfig
     import train_qformer
     import train_vlm
     torch.manual_seed(0)
@@ -75,10 +75,10 @@ def test_conv_stem_token_grid_and_frozen_vit_stays_in_eval():
     assert frozen.training and not any(m.training for m in vit.modules())
     assert train_qformer.Stage1(vit, torch.nn.Linear(1, 1), train_vit=True).train().vit.training
     vit.train()
-    vlm = train_vlm.VLM.__new__(train_vlm.VLM)
-    torch.nn.Module.__init__(vlm)
-    vlm.vit = vit
-    assert not vlm.train().vit.training
+    llm = Llama(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1))
+    vlm = train_vlm.VLM(vit, tiny_qformer(), llm, tokenizer=None)
+    assert not vlm.train().vit.training and vlm.projector.training
 
 
 # ---------------------------------------------------------------------------------------------------- BERT / Q-Former
@@ -659,7 +659,6 @@ def test_stage2_labels_only_caption_and_eos(smol_tok):
 def tiny_vlm(smol_tok):
     torch.manual_seed(0)
     qf = tiny_qformer()
-    from model import ViT, ViTConfig
     vit = ViT(ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=48))
     llm = Llama(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
