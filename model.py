@@ -90,9 +90,9 @@ class ConvStem(nn.Sequential):
     """In place of the patch projection, for a ViT trained from scratch (Xiao et al. 2021, "Early Convolutions
     Help Transformers See Better"): log2(patch_size) stride-2 3x3 convolutions with C, 2C, 4C, ... channels, each
     with BatchNorm and ReLU, then a 1x1 convolution to the width. Same token grid as the patches. On the shapes
-    preset it beat the patch projection in four runs of six; one did worse, one failed (README). BatchNorm, as
-    in the paper: GroupNorm(1, C) in its place learnt almost nothing. So a frozen ViT must stay in eval mode,
-    and under DDP each process normalises with its own batch's statistics."""
+    preset it beat the patch projection at four seeds of six, but at another it never took off (EXPERIMENTS.md).
+    BatchNorm, as in the paper: GroupNorm(1, C) in its place learnt almost nothing. So a frozen ViT must stay in
+    eval mode, and under DDP each process normalises with its own batch's statistics."""
 
     def __init__(self, cfg):
         n = cfg.patch_size.bit_length() - 1
