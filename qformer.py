@@ -231,11 +231,12 @@ class QFormer(nn.Module):
         h = self(input_ids, bidirectional_mask(n, attention_mask), image_embeds, with_queries=True)
         return self.itm_head(h[:, :n]).mean(dim=1)
 
-    def itg_logits(self, image_embeds, input_ids, attention_mask):
-        """ITG: next-token logits [B, T, V] for text that starts with [DEC], under the multimodal causal mask."""
+    def itg_logits(self, image_embeds, input_ids, attention_mask, where=None):
+        """ITG: next-token logits [B, T, V] for text that starts with [DEC], under the multimodal causal mask;
+        with `where` ([B, T] bool), only at those positions: [N, V]."""
         n = self.config.num_query_tokens
-        h = self(input_ids, multimodal_causal_mask(n, attention_mask), image_embeds, with_queries=True)
-        return self.cls.predictions(h[:, n:], self.embeddings.word_embeddings.weight)
+        h = self(input_ids, multimodal_causal_mask(n, attention_mask), image_embeds, with_queries=True)[:, n:]
+        return self.cls.predictions(h if where is None else h[where], self.embeddings.word_embeddings.weight)
 
 
 def _init_weights(m):
@@ -308,11 +309,12 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
     if "itg" in losses:
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = qf.config.dec_token_id  # [DEC] replaces [CLS]: "now describe the image"
-        logits = qf.itg_logits(image_embeds, dec_ids, attention_mask)[:, :-1]
-        labels = dec_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        n_tokens = (labels != -100).sum()
+        where = attention_mask[:, 1:] == 1  # position t predicts token t+1, wherever that is real text
+        # the 30k-wide vocabulary head only where there are labels: on padding it would be a third of ITG's cost
+        logits = qf.itg_logits(image_embeds, dec_ids, attention_mask, F.pad(where, (0, 1)))
+        labels = dec_ids[:, 1:][where]
         # token-mean over the *global* batch, so DDP's average over processes equals one process's loss
+        n_tokens = where.sum()
         total = (env.sum(n_tokens) if env is not None else n_tokens).clamp_min(1)
-        out["itg"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                     label_smoothing=0.1, reduction="sum") * world / total
+        out["itg"] = F.cross_entropy(logits.float(), labels, label_smoothing=0.1, reduction="sum") * world / total
     return out
