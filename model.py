@@ -56,6 +56,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
     stem_channels: int = 0  # 0: the patch projection, as in ViT; C > 0: a convolutional stem (ConvStem)
+    output_position: float = 0.0  # > 0: fixed 2-D sin-cos positions of this amplitude added to the output tokens
 
 
 class ViTSelfAttention(nn.Module):
@@ -105,6 +106,16 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers, nn.Conv2d(c_in, cfg.hidden_size, 1))
 
 
+def sincos_2d(grid, dim):
+    """Fixed 2-D sin-cos position embeddings [grid*grid, dim] (row-major): half the channels encode the row, half
+    the column, each as sines and cosines at frequencies 1/10000^(i/(dim/4))."""
+    assert dim % 4 == 0, f"2-D sin-cos positions need a width divisible by 4, got {dim}"
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+    emb = lambda p: torch.cat([torch.sin(p.flatten()[:, None] * freq), torch.cos(p.flatten()[:, None] * freq)], 1)
+    return torch.cat([emb(y), emb(x)], 1)
+
+
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -123,6 +134,9 @@ class ViT(nn.Module):
             for m in self.patch_embeddings.modules():
                 if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
                     m.reset_parameters()
+        if cfg.output_position:  # not a weight: rebuilt from the config, so checkpoints do not carry it
+            pos = sincos_2d(cfg.image_size // cfg.patch_size, cfg.hidden_size) * cfg.output_position
+            self.register_buffer("output_position_embeddings", F.pad(pos, (0, 0, 1, 0)), persistent=False)  # CLS: 0
 
     def forward(self, pixel_values):
         """pixel_values [B,3,H,W] in [-1, 1] -> last hidden state [B, 1+N, D]."""
@@ -130,7 +144,11 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.position_embeddings
         for block in self.layer:
             x = block(x)
-        return self.layernorm(x)
+        x = self.layernorm(x)
+        # The Q-Former's cross-attention pools tokens by what they hold, so it keeps where a token was only as far
+        # as the token itself says so. A pretrained ViT's tokens do; those of a small ViT after minutes of training
+        # from random do not, and adding the positions here is what lets them through (EXPERIMENTS.md: probes).
+        return x + self.output_position_embeddings if self.config.output_position else x
 
 
 def _init_weights(m):

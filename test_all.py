@@ -50,6 +50,23 @@ def test_vit_parity(tmp_path, layout):
     assert d <= ATOL
 
 
+def test_vit_output_position_is_fixed_and_not_a_weight():
+    """--vit_output_position adds fixed sin-cos positions to the output tokens (none to CLS): the same weights
+    give outputs that differ by exactly that table, one distinct row per position, and no tensor joins the
+    state dict (checkpoints and the strict loaders stay as they are)."""
+    kw = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=64)
+    plain, posed = ViT(ViTConfig(**kw)), ViT(ViTConfig(**kw, output_position=0.5))
+    assert set(posed.state_dict()) == set(plain.state_dict())
+    posed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    diff = posed(x) - plain(x)
+    assert torch.allclose(diff[0], diff[1], atol=1e-5) and diff[0, 0].abs().max() < 1e-5  # the same for every image; CLS: none
+    table = diff[0, 1:]
+    assert table.shape == (16, 32) and torch.cdist(table, table).add(torch.eye(16)).min() > 0.1  # all rows differ
+    assert torch.allclose(table.pow(2).mean().sqrt(), torch.tensor(0.5 / 2 ** 0.5), atol=1e-5)  # amplitude 0.5
+
+
 def test_conv_stem_token_grid_and_frozen_vit_stays_in_eval():
     """The random ViT's convolutional stem gives the patch projection's token grid; in eval mode one image's
     tokens do not depend on the rest of the batch; a frozen ViT (stage 1 with train_vit off, and stage 2) stays
@@ -438,6 +455,7 @@ from PIL import Image
 
 import data
 import metrics
+import probe
 import train_qformer
 from qformer import hard_negatives, stage1_losses
 
@@ -729,6 +747,21 @@ def test_shapes_judge_catches_mistakes():
     assert not metrics.judge(f"a {o[0][0]} {o[0][1]} {o[0][2]}", s)["count"]
 
 
+def test_linear_probe_reads_what_the_features_encode():
+    scenes = [data.shape_scene(0, i)["objects"] for i in range(900)]
+    g = torch.Generator().manual_seed(0)
+    colour = torch.tensor([sorted(data.COLOURS).index(objs[0][1]) for objs in scenes])
+    # features that encode the first object's colour (one-hot, noisy) and nothing else
+    x = torch.cat([torch.nn.functional.one_hot(colour, 6) + 0.1 * torch.randn(900, 6, generator=g),
+                   torch.randn(900, 10, generator=g)], 1)
+    res = probe.run_probes(x[:600], scenes[:600], x[600:], scenes[600:])
+    assert set(res) == set(probe.PROBES)
+    n, acc, chance = res["colour (1 object)"]
+    assert acc == 1.0 and 0 < chance < 0.5 and n == sum(len(o) == 1 for o in scenes[:600])
+    n, acc, chance = res["shape (1 object)"]  # not in the features: no better than chance, give or take
+    assert acc < chance + 0.15
+
+
 def run_sample(*args):
     return subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True, timeout=120)
 
@@ -747,6 +780,8 @@ def test_sample_error_paths(tmp_path):
 def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     """stage 1 (tiny) -> stage 2 with a tiny random LM that speaks SmolLM2's tokenizer -> sample.py."""
     run_stage1([], tmp_path, "s1")
+    res = probe.main(["--qformer", str(tmp_path / "s1"), "--n_train", "90", "--n_eval", "60"])
+    assert all(0 <= acc <= 1 and 0 < chance <= 1 for _, acc, chance in res.values())
     lm_dir = tmp_path / "lm"
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(

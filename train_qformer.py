@@ -33,6 +33,7 @@ class Stage1Config(TrainConfig):
     vit_layers: int = 12
     vit_heads: int = 12
     vit_stem_channels: int = 0               # random ViT: >0 = a convolutional stem (model.ConvStem)
+    vit_output_position: float = 0.0         # random ViT: >0 = sin-cos positions of this size added to its output
     train_vit: bool = False
     bert: str = "bert-base-uncased"           # folder or HF id; "minilm" = the pip-installed all-MiniLM-L6-v2
     bert_layers: int = 0                      # >0: keep only the first N layers of the BERT (cheaper)
@@ -120,10 +121,12 @@ def build_models(cfg):
     if cfg.vit == "random":
         vit = ViT(ViTConfig(image_size=cfg.image_size, patch_size=cfg.vit_patch_size, hidden_size=cfg.vit_hidden_size,
                             num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
-                            intermediate_size=4 * cfg.vit_hidden_size, stem_channels=cfg.vit_stem_channels))
+                            intermediate_size=4 * cfg.vit_hidden_size, stem_channels=cfg.vit_stem_channels,
+                            output_position=cfg.vit_output_position))
     else:
-        if cfg.vit_stem_channels:
-            raise ValueError("--vit_stem_channels builds a random ViT's stem; a pretrained ViT keeps its patch projection")
+        if cfg.vit_stem_channels or cfg.vit_output_position:
+            raise ValueError("--vit_stem_channels and --vit_output_position change a random ViT; a pretrained ViT "
+                             "is used as it is")
         vit = load_vit(cfg.vit)
     bert = offline_paths()[0] if cfg.bert == "minilm" else cfg.bert
     qformer = load_qformer(bert, vit.config.hidden_size, cfg.num_query_tokens, cfg.cross_attention_freq,

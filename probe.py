@@ -1,0 +1,113 @@
+"""
+Linear probes: what a stage-1 checkpoint's image features say about a shapes scene, before stage 2 is paid for.
+A logistic regression per attribute, fitted on the features of training images and scored on held-out ones:
+the object count; colour, shape, size and region of single objects; the relation between two objects. The
+features are the Q-Former's query outputs, all of them concatenated (what stage 2's projector reads), or with
+--features vit the ViT's patch tokens (what the Q-Former reads). Chance = the held-out share of the commonest class.
+An attribute the probe cannot read is one stage 2 will hardly learn to name (EXPERIMENTS.md).
+
+    python probe.py --qformer out/shapes-qformer
+    python probe.py --qformer out/shapes-qformer --features vit
+    python probe.py --qformer out/shapes-vlm                      # the Q-Former after stage 2
+"""
+import argparse
+import json
+import os
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import data
+from train_qformer import build_stage1, load_stage1
+from trainer import run_cli
+
+one, two = (lambda objs: len(objs) == 1), (lambda objs: len(objs) == 2)
+PROBES = {  # name: (which scenes take part, the label); objects are (size, colour, shape, x, y)
+    "count": (lambda objs: True, len),
+    "colour (1 object)": (one, lambda objs: objs[0][1]),
+    "shape (1 object)": (one, lambda objs: objs[0][2]),
+    "size (1 object)": (one, lambda objs: objs[0][0]),
+    "region (1 object)": (one, lambda objs: data.region(objs[0])),
+    "relation (2 objects)": (two, lambda objs: data.relation(objs[0], objs[1])),
+}
+
+
+@torch.no_grad()
+def features(vit, qformer, split, n, image_size, which="qformer", batch=100):
+    """-> ([n, dim] features of the first n images of a shapes split, their scenes' objects)."""
+    seed, feats, scenes = data.SPLIT_SEEDS[split], [], []
+    for start in range(0, n, batch):
+        idx = range(start, min(n, start + batch))
+        pix = torch.stack([data.to_pixels(data.make_shape_example(seed, i, image_size)[0], image_size) for i in idx])
+        h = vit(pix)
+        feats.append(h[:, 1:].flatten(1) if which == "vit" else qformer.encode_image(h).flatten(1))
+        scenes += [data.shape_scene(seed, i)["objects"] for i in idx]
+    return torch.cat(feats), scenes
+
+
+def fit_probe(x, y, n_classes, l2=1e-3, max_iter=100):
+    """Multinomial logistic regression on standardised features, by L-BFGS. -> predict(x) -> class ids."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    w = torch.zeros(x.size(1), n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + l2 * w.pow(2).sum()  # L2: far more dimensions than images
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda x_new: (((x_new - mu) / sd) @ w + b).argmax(1)
+
+
+def run_probes(x_train, train_scenes, x_eval, eval_scenes):
+    """-> {probe: (n_train, held-out accuracy, chance)}"""
+    out = {}
+    for name, (keep, label) in PROBES.items():
+        tr = [i for i, s in enumerate(train_scenes) if keep(s)]
+        ev = [i for i, s in enumerate(eval_scenes) if keep(s)]
+        classes = sorted({label(train_scenes[i]) for i in tr}, key=str)
+        cid = {c: k for k, c in enumerate(classes)}
+        y_tr = torch.tensor([cid[label(train_scenes[i])] for i in tr])
+        y_ev = torch.tensor([cid.get(label(eval_scenes[i]), -1) for i in ev])  # a class never seen is a miss
+        predict = fit_probe(x_train[tr], y_tr, len(classes))
+        chance = Counter(y_ev.tolist()).most_common(1)[0][1] / len(ev)
+        out[name] = (len(tr), (predict(x_eval[ev]) == y_ev).float().mean().item(), chance)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--qformer", default="out/shapes-qformer",
+                   help="a stage-1 output folder (shapes data), or a stage-2 one: the Q-Former as stage 2 left it")
+    p.add_argument("--features", choices=("qformer", "vit"), default="qformer")
+    p.add_argument("--n_train", type=int, default=3000)
+    p.add_argument("--n_eval", type=int, default=1000)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    meta = json.load(open(os.path.join(a.qformer, "config.json")))
+    if meta.get("stage") == 2:  # a stage-2 folder: the Q-Former as stage 2 left it
+        meta = meta["stage1"]
+        vit, qformer = build_stage1(meta, os.path.join(a.qformer, "qformer.safetensors"))
+    else:
+        vit, qformer, _, meta = load_stage1(a.qformer)
+    vit.eval(), qformer.eval()
+    size = meta["image_size"]
+    x_tr, s_tr = features(vit, qformer, "train", a.n_train, size, a.features)
+    x_ev, s_ev = features(vit, qformer, "val", a.n_eval, size, a.features)
+    print(f"linear probes on {a.features} features ({x_tr.size(1)} dims) of {a.qformer}: "
+          f"{a.n_train} training images, {a.n_eval} held-out")
+    results = run_probes(x_tr, s_tr, x_ev, s_ev)
+    for name, (n, acc, chance) in results.items():
+        print(f"  {name:22s} held-out accuracy {acc:.3f}  (chance {chance:.3f}; fitted on {n} images)")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
