@@ -55,7 +55,8 @@ PRESETS = {
     # Offline, 2 CPU cores, ~5 minutes. No pretrained ViT can be installed here, so the ViT is a small random
     # one and it trains along with the Q-Former (README: frozen vs trained, measured). --vit_stem_channels 32 (a
     # convolutional stem) beat it at four seeds of six, but never took off at one, nor at the default seed
-    # (EXPERIMENTS.md): off.
+    # (EXPERIMENTS.md): off. So is --vit_output_position: it lets position into the Q-Former's outputs, but the
+    # demo's captions did not get better (EXPERIMENTS.md, linear probes).
     # Batch 32 rather than 64: in the same 5 minutes more, smaller steps beat fewer, larger ones (README).
     "shapes": dict(vit="random", vit_patch_size=8, vit_hidden_size=160, vit_layers=3, vit_heads=4, train_vit=True,
                    bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1, num_query_tokens=16,
