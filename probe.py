@@ -36,13 +36,12 @@ PROBES = {  # name: (which scenes take part, the label); objects are (size, colo
 @torch.no_grad()
 def features(vit, qformer, split, n, image_size, which="qformer", batch=100):
     """-> ([n, dim] features of the first n images of a shapes split, their scenes' objects)."""
-    seed, feats, scenes = data.SPLIT_SEEDS[split], [], []
+    ds, feats, scenes = data.ShapesDataset(split, image_size=image_size), [], []
     for start in range(0, n, batch):
         idx = range(start, min(n, start + batch))
-        pix = torch.stack([data.to_pixels(data.make_shape_example(seed, i, image_size)[0], image_size) for i in idx])
-        h = vit(pix)
+        h = vit(torch.stack([ds[i][0] for i in idx]))
         feats.append(h[:, 1:].flatten(1) if which == "vit" else qformer.encode_image(h).flatten(1))
-        scenes += [data.shape_scene(seed, i)["objects"] for i in idx]
+        scenes += [data.shape_scene(ds.seed, i)["objects"] for i in idx]
     return torch.cat(feats), scenes
 
 
