@@ -4,11 +4,13 @@ A logistic regression per attribute, fitted on the features of training images a
 the object count; colour, shape, size and region of single objects; the relation between two objects. The
 features are the Q-Former's query outputs, all of them concatenated (what stage 2's projector reads), or with
 --features vit the ViT's patch tokens (what the Q-Former reads). Chance = the held-out share of the commonest class.
-An attribute the probe cannot read is one stage 2 will hardly learn to name (EXPERIMENTS.md).
+An attribute the probe cannot read is one stage 2 will hardly learn to name (EXPERIMENTS.md). Given a stage-2
+folder, it also captions the first --n_captions held-out images and scores what the captions say against the same
+labels: where a probe reads an attribute and the captions do not, the LM has not learned to read it yet.
 
     python probe.py --qformer out/shapes-qformer
     python probe.py --qformer out/shapes-qformer --features vit
-    python probe.py --qformer out/shapes-vlm                      # the Q-Former after stage 2
+    python probe.py --qformer out/shapes-vlm                      # after stage 2, and what its captions say
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import metrics
 from train_qformer import build_stage1, load_stage1
 from trainer import run_cli
 
@@ -31,6 +34,36 @@ PROBES = {  # name: (which scenes take part, the label); objects are (size, colo
     "region (1 object)": (one, lambda objs: data.region(objs[0])),
     "relation (2 objects)": (two, lambda objs: data.relation(objs[0], objs[1])),
 }
+
+
+def caption_says(caption, objs):
+    """{probe: does the caption get it right} for the probes that apply to this scene. Single-object attributes
+    are read from the first object the caption names; a relation counts only when both objects are named."""
+    c, objs = caption.lower(), list(objs)
+    named = metrics.MENTION.findall(c)  # (size, colour, shape) per object named
+    out = {"count": len(named) == len(objs)}
+    if len(objs) == 1:
+        size, colour, shape = named[0] if named else (None, None, None)
+        out.update({"colour (1 object)": colour == objs[0][1], "shape (1 object)": shape == objs[0][2],
+                    "size (1 object)": size == objs[0][0], "region (1 object)": data.region(objs[0]) in c})
+    if len(objs) == 2:
+        out["relation (2 objects)"] = metrics.judge(caption, {"objects": objs})["relation"]
+    return out
+
+
+@torch.no_grad()
+def caption_accuracy(folder, n, batch=50):
+    """{probe: (n images, share the stage-2 model's greedy captions get right)} on the first n held-out images."""
+    from train_vlm import load_vlm
+    model, meta = load_vlm(folder)
+    ds, right = data.ShapesDataset("val", image_size=meta["image_size"]), {}
+    for start in range(0, n, batch):
+        idx = range(start, min(n, start + batch))
+        caps = model.generate(torch.stack([ds[i][0] for i in idx]), max_new_tokens=48)
+        for i, c in zip(idx, caps):
+            for name, ok in caption_says(c, data.shape_scene(ds.seed, i)["objects"]).items():
+                right.setdefault(name, []).append(ok)
+    return {name: (len(v), sum(v) / len(v)) for name, v in right.items()}
 
 
 @torch.no_grad()
@@ -88,10 +121,13 @@ def main(argv=None):
     p.add_argument("--features", choices=("qformer", "vit"), default="qformer")
     p.add_argument("--n_train", type=int, default=3000)
     p.add_argument("--n_eval", type=int, default=1000)
+    p.add_argument("--n_captions", type=int, default=300,
+                   help="with a stage-2 folder: held-out images to caption and score the same way (0: none)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     meta = json.load(open(os.path.join(a.qformer, "config.json")))
-    if meta.get("stage") == 2:  # a stage-2 folder: the Q-Former as stage 2 left it
+    stage2 = meta.get("stage") == 2
+    if stage2:  # a stage-2 folder: the Q-Former as stage 2 left it
         meta = meta["stage1"]
         vit, qformer = build_stage1(meta, os.path.join(a.qformer, "qformer.safetensors"))
     else:
@@ -103,9 +139,11 @@ def main(argv=None):
     print(f"linear probes on {a.features} features ({x_tr.size(1)} dims) of {a.qformer}: "
           f"{a.n_train} training images, {a.n_eval} held-out")
     results = run_probes(x_tr, s_tr, x_ev, s_ev)
+    caps = caption_accuracy(a.qformer, a.n_captions) if stage2 and a.n_captions > 0 else {}
     for name, (n, acc, chance) in results.items():
-        print(f"  {name:22s} held-out accuracy {acc:.3f}  (chance {chance:.3f}; fitted on {n} images)")
-    return results
+        said = f"  | captions {caps[name][1]:.3f} ({caps[name][0]} images)" if name in caps else ""
+        print(f"  {name:22s} held-out accuracy {acc:.3f}  (chance {chance:.3f}; fitted on {n} images){said}")
+    return results, caps
 
 
 if __name__ == "__main__":

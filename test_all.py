@@ -762,6 +762,22 @@ def test_linear_probe_reads_what_the_features_encode():
     assert acc < chance + 0.15
 
 
+def test_probe_scores_captions_against_the_scene():
+    """probe.caption_says: every reference caption reads right on every attribute; one changed word reads wrong."""
+    for i in range(60):
+        objs = data.shape_scene(0, i)["objects"]
+        for ref in data.reference_captions(0, i):
+            said = probe.caption_says(ref, objs)
+            assert all(said.values()) and set(said) <= set(probe.PROBES), (ref, said)
+    i = next(i for i in range(60) if len(data.shape_scene(0, i)["objects"]) == 1)
+    (size, colour, shape, _, _), = objs = data.shape_scene(0, i)["objects"]
+    ref = data.reference_captions(0, i)[0]
+    other = "large" if size == "small" else "small"
+    said = probe.caption_says(ref.replace(f"{size} {colour}", f"{other} {colour}"), objs)
+    assert not said["size (1 object)"] and said["colour (1 object)"] and said["shape (1 object)"]
+    assert not probe.caption_says(ref.replace(data.region(objs[0]), "nowhere"), objs)["region (1 object)"]
+
+
 def run_sample(*args):
     return subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True, timeout=120)
 
@@ -780,8 +796,8 @@ def test_sample_error_paths(tmp_path):
 def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     """stage 1 (tiny) -> stage 2 with a tiny random LM that speaks SmolLM2's tokenizer -> sample.py."""
     run_stage1([], tmp_path, "s1")
-    res = probe.main(["--qformer", str(tmp_path / "s1"), "--n_train", "90", "--n_eval", "60"])
-    assert all(0 <= acc <= 1 and 0 < chance <= 1 for _, acc, chance in res.values())
+    res, caps = probe.main(["--qformer", str(tmp_path / "s1"), "--n_train", "90", "--n_eval", "60"])
+    assert caps == {} and all(0 <= acc <= 1 and 0 < chance <= 1 for _, acc, chance in res.values())
     lm_dir = tmp_path / "lm"
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -806,6 +822,8 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     assert r.stdout.count("\n") == 2  # greedy: one line per image on stdout, everything else on stderr
     r = run_sample("--checkpoint", str(out), "--prompt", "Hi", "--max_new_tokens", "3")
     assert r.returncode == 0 and "loading" in r.stderr
+    res, caps = probe.main(["--qformer", str(out), "--n_train", "90", "--n_eval", "60", "--n_captions", "6"])
+    assert caps["count"][0] == 6 and set(caps) <= set(res) and all(0 <= a <= 1 for _, a in caps.values())
 
 
 def test_stage1_feature_cache_in_training(tmp_path):
