@@ -39,7 +39,7 @@ PROBES = {  # name: (which scenes take part, the label); objects are (size, colo
 def caption_says(caption, objs):
     """{probe: does the caption get it right} for the probes that apply to this scene. Single-object attributes
     are read from the first object the caption names; a relation counts only when both objects are named."""
-    c, objs = caption.lower(), list(objs)
+    c = caption.lower()
     named = metrics.MENTION.findall(c)  # (size, colour, shape) per object named
     out = {"count": len(named) == len(objs)}
     if len(objs) == 1:
