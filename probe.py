@@ -52,11 +52,9 @@ def caption_says(caption, objs):
 
 
 @torch.no_grad()
-def caption_accuracy(folder, n, batch=50):
-    """{probe: (n images, share the stage-2 model's greedy captions get right)} on the first n held-out images."""
-    from train_vlm import load_vlm
-    model, meta = load_vlm(folder)
-    ds, right = data.ShapesDataset("val", image_size=meta["image_size"]), {}
+def caption_accuracy(model, image_size, n, batch=50):
+    """{probe: (n images, share a stage-2 model's greedy captions get right)} on the first n held-out images."""
+    ds, right = data.ShapesDataset("val", image_size=image_size), {}
     for start in range(0, n, batch):
         idx = range(start, min(n, start + batch))
         caps = model.generate(torch.stack([ds[i][0] for i in idx]), max_new_tokens=48)
@@ -126,10 +124,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.manual_seed(0)
     meta = json.load(open(os.path.join(a.qformer, "config.json")))
-    stage2 = meta.get("stage") == 2
-    if stage2:  # a stage-2 folder: the Q-Former as stage 2 left it
+    vlm = None
+    if meta.get("stage") == 2:  # a stage-2 folder: the Q-Former as stage 2 left it
         meta = meta["stage1"]
-        vit, qformer = build_stage1(meta, os.path.join(a.qformer, "qformer.safetensors"))
+        if a.n_captions > 0:  # the whole model, to caption with; its ViT and Q-Former are the ones to probe
+            from train_vlm import load_vlm
+            vlm = load_vlm(a.qformer)[0]
+            vit, qformer = vlm.vit, vlm.qformer
+        else:
+            vit, qformer = build_stage1(meta, os.path.join(a.qformer, "qformer.safetensors"))
     else:
         vit, qformer, _, meta = load_stage1(a.qformer)
     vit.eval(), qformer.eval()
@@ -139,7 +142,7 @@ def main(argv=None):
     print(f"linear probes on {a.features} features ({x_tr.size(1)} dims) of {a.qformer}: "
           f"{a.n_train} training images, {a.n_eval} held-out")
     results = run_probes(x_tr, s_tr, x_ev, s_ev)
-    caps = caption_accuracy(a.qformer, a.n_captions) if stage2 and a.n_captions > 0 else {}
+    caps = caption_accuracy(vlm, size, a.n_captions) if vlm is not None else {}
     for name, (n, acc, chance) in results.items():
         said = f"  | captions {caps[name][1]:.3f} ({caps[name][0]} images)" if name in caps else ""
         print(f"  {name:22s} held-out accuracy {acc:.3f}  (chance {chance:.3f}; fitted on {n} images){said}")
