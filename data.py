@@ -15,7 +15,10 @@ import zlib
 
 import numpy as np
 import torch
+from huggingface_hub import HfApi, constants
 from PIL import Image, ImageDraw, ImageOps
+
+from load_weights import hub_download, split_revision
 
 # -----------------------------------------------------------------------------------------------------------
 # preprocessing, as google/vit-base-patch16-224's image processor: RGB, resize (bilinear), mean = std = 0.5
@@ -132,25 +135,42 @@ def shape_caption(scene):
                        f"there are three shapes: {listed}, from left to right"])
 
 
+def draw_object(draw, obj, s, fill):
+    """Draw one object (size, colour, shape, x, y) on a PIL canvas of side s."""
+    size, _, shape, x, y = obj
+    r = SIZES[size] * s / 2
+    cx, cy = x * s, y * s
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+
+
 def render_scene(scene, image_size):
     s = 4 * image_size  # draw large, then downsample: anti-aliased edges at any size
     rng = scene["rng"]
     bg = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in scene["background"])
     img = Image.new("RGB", (s, s), bg)
     draw = ImageDraw.Draw(img)
-    for size, colour, shape, x, y in scene["objects"]:
-        r = SIZES[size] * s / 2
-        cx, cy = x * s, y * s
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif shape == "square":
-            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+    for obj in scene["objects"]:
+        draw_object(draw, obj, s, COLOURS[obj[1]])
     return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+def object_coverage(scene, grid, sub=8):
+    """[grid, grid, 1 + n_objects]: the share of each grid cell covered by the background (0) and by each
+    object (k = objects[k-1]), from the same drawing as render_scene. Objects never overlap."""
+    s = grid * sub
+    ids = Image.new("L", (s, s), 0)
+    draw = ImageDraw.Draw(ids)
+    for k, obj in enumerate(scene["objects"], 1):
+        draw_object(draw, obj, s, k)
+    a = np.asarray(ids).reshape(grid, sub, grid, sub).transpose(0, 2, 1, 3).reshape(grid, grid, sub * sub)
+    return np.stack([(a == k).mean(-1) for k in range(1 + len(scene["objects"]))], -1)
 
 
 def make_shape_example(seed: int, index: int, image_size: int):
@@ -307,14 +327,12 @@ class FeatureCache(torch.utils.data.Dataset):
     """Wraps a map-style dataset: once the frozen ViT's output for index i is stored (float16 memmap on disk),
     item i is served from it instead of decoding and encoding the image again."""
 
-    def __init__(self, dataset, path, tokens, width):
+    def __init__(self, dataset, path, tokens, width, fresh=True):
         self.ds, n = dataset, len(dataset)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        new = not os.path.exists(path + ".filled")
-        self.feats = np.lib.format.open_memmap(path + ".npy", mode="w+" if new else "r+", dtype=np.float16,
-                                               shape=(n, tokens, width))
-        self.filled = np.lib.format.open_memmap(path + ".filled", mode="w+" if new else "r+", dtype=np.uint8,
-                                                shape=(n,))
+        mode = "w+" if fresh or not os.path.exists(path + ".filled") else "r+"  # a new run: nothing is stale
+        self.feats = np.lib.format.open_memmap(path + ".npy", mode=mode, dtype=np.float16, shape=(n, tokens, width))
+        self.filled = np.lib.format.open_memmap(path + ".filled", mode=mode, dtype=np.uint8, shape=(n,))
         assert self.feats.shape == (n, tokens, width), f"{path}.npy was made for another dataset or ViT"
 
     def __len__(self):
@@ -361,42 +379,51 @@ class Collate:
         return batch
 
 # -----------------------------------------------------------------------------------------------------------
-# Conceptual Captions, as WebDataset shards from the hub's dataset storage
+# Conceptual Captions (and any WebDataset repo on the hub), downloaded shard by shard into the hub cache
+
+
+HUB_DATASETS = {"cc3m": "pixparse/cc3m-wds", "cc12m": "pixparse/cc12m-wds"}
 
 
 def pick_shards(listing, split="train"):
-    """From a hub tree listing (list of {"path": ...}), the split's .tar shards in order."""
-    return sorted(e["path"] for e in listing if e.get("path", "").endswith(".tar") and split in
-                  os.path.basename(e["path"]))
+    """From a hub tree listing (paths), the split's .tar shards in order."""
+    return sorted(p for p in listing if p.endswith(".tar") and split in os.path.basename(p))
 
 
-def download_cc3m(out_dir, n_pairs=50_000, repo="pixparse/cc3m-wds", revision="main"):
-    """Fetch enough shards of `repo` for n_pairs image-caption pairs (resumable; reuses what is there).
-    Returns the shard paths. Needs network: a clear error says so otherwise."""
-    import urllib.error
-    from load_weights import _request, hub_file
-    marker = os.path.join(out_dir, "shards.json")
-    if os.path.exists(marker):
-        return json.load(open(marker))
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        with _request(f"{endpoint}/api/datasets/{repo}/tree/{revision}?recursive=true") as r:
-            shards = pick_shards(json.load(r))
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"cannot list {repo} on the hub ({e}). No network? Use --preset shapes, or pass "
-                              "local shards with --data 'dir/*.tar' or a folder with captions.jsonl.") from None
-    if not shards:
-        raise FileNotFoundError(f"{repo} has no train .tar shards")
-    os.makedirs(out_dir, exist_ok=True)
+def hub_shards(repo, split="train", n_pairs=0):
+    """Local paths of the first shards of `split` in a WebDataset dataset repo that hold n_pairs samples (0: all
+    of them), downloaded into the hub cache on first use: a stopped download starts again from the shards it
+    finished, and with DDP one process per machine downloads each shard while the others wait for it. Shards and
+    their sizes come from the repo's _info.json where it has one, else from the full listing. 'org/name@revision'
+    pins a revision. [] when the repo has no such split. Asked afresh each run (offline: from the cache), so a larger n_pairs fetches more."""
+    repo, revision = split_revision(repo)
+    info = hub_download(repo, "_info.json", revision, "dataset")
+    if info is not None:
+        spec = json.load(open(info)).get("splits", {}).get(split)
+        if spec is None:
+            return []
+        names, sizes = spec["filenames"], spec.get("shard_lengths") or [None] * len(spec["filenames"])
+    else:
+        if constants.HF_HUB_OFFLINE:
+            raise ConnectionError(f"dataset '{repo}' has no _info.json to list its shards offline; pass the cached "
+                                  "shards with --data 'path/*.tar'")
+        names = pick_shards([e.path for e in HfApi().list_repo_tree(repo, recursive=True, repo_type="dataset",
+                                                                     revision=revision)], split)
+        sizes = [None] * len(names)
     paths, total = [], 0
-    for s in shards:
-        p = hub_file(repo, s, repo_type="dataset", revision=revision)
-        paths.append(p)
-        total += sum(1 for _, parts in iter_tar(p) if "txt" in parts)
-        print(f"cc3m: {total:,}/{n_pairs:,} pairs in {len(paths)} shards", file=sys.stderr)
-        if total >= n_pairs:
+    for name, size in zip(names, sizes):
+        if n_pairs and total >= n_pairs:
             break
-    json.dump(paths, open(marker, "w"))
+        path = hub_download(repo, name, revision, "dataset")
+        if path is None:
+            raise FileNotFoundError(f"dataset '{repo}' lists {name} but does not have it")
+        paths.append(path)
+        total += size if size is not None else sum(1 for _, parts in iter_tar(path) if "txt" in parts)
+        print(f"{repo} {split}: {total:,}{f'/{n_pairs:,}' if n_pairs else ''} pairs in {len(paths)} shards",
+              file=sys.stderr, flush=True)
+    if n_pairs and total < n_pairs:
+        print(f"warning: {repo} has only {total:,} {split} pairs, fewer than the {n_pairs:,} asked for",
+              file=sys.stderr, flush=True)
     return paths
 
 

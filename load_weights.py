@@ -1,22 +1,25 @@
 """
 Where weights come from, and strict loading into our modules.
 
-A source is a local folder (config.json + model.safetensors [or a sharded index] + tokenizer.json), an HF repo
-id (fetched into the usual hub cache with the standard library), or a llama.cpp .gguf file (the offline SmolLM2).
+A source is a local folder (config.json + model.safetensors [or a sharded index, or pytorch_model.bin] +
+tokenizer.json), a hub repo id (fetched by huggingface_hub into the usual hub cache), or a llama.cpp .gguf file
+(the offline SmolLM2).
 Every loader checks that each expected tensor is present, nothing unexpected is left over, and each shape is
 right; anything else raises WeightLoadError naming the file and the tensors. A loader that only warns hides bugs.
 """
+import functools
 import json
 import os
 import re
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import fields
 
 import torch
-from safetensors.torch import load_file
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import validate_repo_id
+from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from model import Llama, LlamaConfig, ViT, ViTConfig
@@ -27,133 +30,128 @@ class WeightLoadError(ValueError):
     pass
 
 # -----------------------------------------------------------------------------------------------------------
-# the hub: a few hundred lines of huggingface_hub reduced to what loading a checkpoint needs
+# the hub: every request goes through huggingface_hub, which brings the cache layout users already have
+# ($HF_HUB_CACHE, else $HF_HOME/hub), file locks (one process downloads, the others wait), size checks,
+# offline mode (HF_HUB_OFFLINE=1), tokens (HF_TOKEN or `hf auth login`, never sent to the CDN) and redirects
+# (renamed repos). What is ours: which files a checkpoint needs, and one-line errors.
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")  # in order of preference
 
 
-def hub_cache_dir():
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    return os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+def split_revision(src):
+    """'org/name@revision' -> ('org/name', 'revision'); no '@' means main."""
+    repo, _, revision = src.partition("@")
+    return repo, revision or "main"
 
 
-def _offline():
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _request(url, headers=None):
-    headers = dict(headers or {})
-    if os.environ.get("HF_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
-
-
-def _commit(repo_id, repo_type, revision, repo_dir):
-    """The commit a revision points at (asked once, then remembered in refs/ like huggingface_hub does)."""
-    ref = os.path.join(repo_dir, "refs", revision)
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    if not _offline():
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        try:
-            with _request(f"{endpoint}/api/{repo_type}s/{repo_id}/revision/{revision}") as r:
-                sha = json.load(r)["sha"]
-            os.makedirs(os.path.dirname(ref), exist_ok=True)
-            with open(ref, "w") as f:
-                f.write(sha)
-            return sha
-        except urllib.error.HTTPError as e:
-            raise FileNotFoundError(f"{repo_type} '{repo_id}' (revision {revision}) not on the hub: HTTP {e.code}"
-                                    " (a gated repo needs HF_TOKEN)") from None
-        except (urllib.error.URLError, OSError):
-            pass  # no network: fall back to what the cache remembers
-    if os.path.exists(ref):
-        return open(ref).read().strip()
-    raise ConnectionError(f"cannot reach the hub for {repo_type} '{repo_id}' and it is not in the cache "
-                          f"({hub_cache_dir()}). Download it on a machine with network, or pass a local folder.")
-
-
-def hub_file(repo_id, filename, repo_type="model", revision="main", required=True):
-    """Path to `filename` of a hub repo, downloaded on first use (resumable, with progress) into the hub cache.
-    Returns None for a file the repo lacks when required=False."""
-    repo_dir = os.path.join(hub_cache_dir(), f"{repo_type}s--{repo_id.replace('/', '--')}")
-    commit = _commit(repo_id, repo_type, revision, repo_dir)
-    path = os.path.join(repo_dir, "snapshots", commit, filename)
-    missing_marker = os.path.join(repo_dir, ".no_exist", commit, filename)
-    if os.path.exists(path):
-        return path
-    if os.path.exists(missing_marker) and not required:
-        return None
-    if _offline():
-        if required:
-            raise FileNotFoundError(f"HF_HUB_OFFLINE is set and {repo_id}/{filename} is not in {repo_dir}")
-        return None
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    base = endpoint if repo_type == "model" else f"{endpoint}/{repo_type}s"
-    url = f"{base}/{repo_id}/resolve/{commit}/{filename}"
-    part = path + ".incomplete"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+def hub_download(repo_id, filename, revision="main", repo_type="model"):
+    """Local path of one file of a hub repo, from the hub cache or downloaded into it; None when the repo has no
+    such file. Errors a user can act on become FileNotFoundError / ConnectionError with one line that says what."""
+    what = f"{repo_type} '{repo_id}'" + (f" (revision {revision})" if revision != "main" else "")
     try:
-        r = _request(url, {"Range": f"bytes={have}-"} if have else None)
-    except urllib.error.HTTPError as e:
-        if e.code == 404 and not required:
-            os.makedirs(os.path.dirname(missing_marker), exist_ok=True)
-            open(missing_marker, "w").close()
-            return None
-        if e.code == 416:  # the partial file is already complete
-            os.replace(part, path)
-            return path
-        raise FileNotFoundError(f"{url}: HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"cannot download {url} ({e}). Offline? Pass a local folder instead.") from None
-    with r:
-        if have and r.status != 206:
-            have = 0  # the server ignored the range: start over
-        total = have + int(r.headers.get("Content-Length", 0))
-        t0, last, done = time.time(), 0.0, have
-        with open(part, "ab" if have else "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if time.time() - last > 0.5 or done == total:
-                    last = time.time()
-                    rate = (done - have) / max(last - t0, 1e-6) / 1e6
-                    pct = f" ({100 * done / total:.0f}%)" if total else ""
-                    print(f"\r{repo_id}/{filename}: {done / 1e6:.1f}/{total / 1e6:.1f} MB{pct} {rate:.1f} MB/s",
-                          end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-    os.replace(part, path)
-    return path
+        return hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type)
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: check it first
+        raise ConnectionError(f"{filename} of {what} is not in the hub cache ({constants.HF_HUB_CACHE}) and the hub "
+                              "cannot be reached" + (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "")
+                              + ". Download it once with network, or pass a local folder.") from None
+    except EntryNotFoundError:
+        return None
+    except GatedRepoError:
+        raise FileNotFoundError(f"{what} is gated: accept its terms on the hub and log in (`hf auth login` or "
+                                "HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"no {what} on the hub (a private repo needs `hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{what}: no such revision on the hub") from None
+    except HfHubHTTPError as e:
+        raise ConnectionError(f"the hub failed on {filename} of {what}: {e}") from None
+    except Exception as e:  # the transfer itself: a connection that dropped for good, a timeout, a short file
+        raise ConnectionError(f"downloading {filename} of {what} failed ({type(e).__name__}: {e}); nothing "
+                              "partial was kept, run again to retry") from None
 
 
-def resolve(src, filenames=("config.json", "tokenizer.json")):
-    """A folder, a .gguf file, or an HF repo id -> a local folder (or the .gguf path)."""
-    if os.path.isdir(src) or (src.endswith(".gguf") and os.path.isfile(src)):
+def hub_file(repo_id, filename, commit, repo_type="model"):
+    """hub_download at a known commit, without a request when the cache already knows the answer (the file, or
+    that the repo lacks it): so a flaky hub or offline mode never stops a run whose files are all cached."""
+    cached = try_to_load_from_cache(repo_id, filename, revision=commit, repo_type=repo_type)
+    if isinstance(cached, str):
+        return cached
+    if cached is not None or constants.HF_HUB_OFFLINE:  # known to be missing, or cannot be asked
+        return None
+    return hub_download(repo_id, filename, commit, repo_type)
+
+
+def resolve(src, need=("config.json",)):
+    """A local folder, a .gguf file, or a hub repo id ('org/name', a short legacy name like 'bert-base-uncased',
+    either with '@revision') -> a local folder holding `need` and the weights (or the .gguf path). Missing files
+    raise an error that names them."""
+    if os.path.isfile(src) and src.endswith(".gguf"):
         return src
-    if os.path.exists(src) or src.startswith((".", "/")) or src.count("/") != 1:
-        raise FileNotFoundError(f"'{src}' is neither a folder with a checkpoint, a .gguf file, nor an HF repo id")
-    for name in filenames:
-        hub_file(src, name, required=name == "config.json")
-    index = hub_file(src, "model.safetensors.index.json", required=False)
-    if index:
-        for shard in sorted(set(json.load(open(index))["weight_map"].values())):
-            hub_file(src, shard)
-    else:
-        hub_file(src, "model.safetensors")
-    return os.path.dirname(hub_file(src, "config.json"))
+    if os.path.isdir(src):
+        missing = [f for f in need if not os.path.isfile(os.path.join(src, f))]
+        if not any(os.path.isfile(os.path.join(src, f)) for f in WEIGHT_FILES):
+            missing.append(" or ".join(WEIGHT_FILES[1::2]))
+        if missing:
+            raise FileNotFoundError(f"{src} has no {', '.join(missing)} (it holds {sorted(os.listdir(src))})")
+        return src
+    repo, revision = split_revision(src)
+    try:
+        validate_repo_id(repo)
+        is_id = not src.startswith((".", "/", "~")) and not src.endswith(".gguf")
+    except ValueError:
+        is_id = False
+    if not is_id:
+        raise FileNotFoundError(f"'{src}' is neither a folder with a checkpoint, a .gguf file, nor a hub repo id")
+    return _resolve_hub(repo, revision, tuple(need))
 
 
-def read_safetensors(folder):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
+@functools.lru_cache(maxsize=None)  # one round of requests per repo and process, however many loaders ask
+def _resolve_hub(repo, revision, need):
+    config = hub_download(repo, need[0], revision)
+    if config is None:
+        raise FileNotFoundError(f"model '{repo}' has no {need[0]} on the hub")
+    folder = os.path.dirname(config)
+    commit = os.path.basename(folder)  # snapshots/<commit>/config.json: later files come from the same commit
+    for name in need[1:]:
+        if hub_file(repo, name, commit) is None:
+            raise FileNotFoundError(f"model '{repo}' has no {name} on the hub")
+    for name in WEIGHT_FILES:
+        path = hub_file(repo, name, commit)
+        if path is not None:
+            if name.endswith(".index.json"):
+                for shard in sorted(set(json.load(open(path))["weight_map"].values())):
+                    if hub_file(repo, shard, commit) is None:
+                        raise FileNotFoundError(f"model '{repo}': {name} names {shard}, which the repo lacks")
+            return folder
+    raise FileNotFoundError(f"model '{repo}' has no weights on the hub (none of {', '.join(WEIGHT_FILES)})")
+
+
+def read_weights(folder):
+    """All tensors of a checkpoint folder: safetensors (single or sharded), else pytorch_model.bin (single or
+    sharded), read with torch.load(weights_only=True) so a checkpoint cannot run code. -> (tensors, path)"""
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        files = sorted(set(json.load(open(path))["weight_map"].values())) if name.endswith(".index.json") \
+            else [name]
         tensors = {}
-        for shard in sorted(set(json.load(open(index))["weight_map"].values())):
-            tensors.update(load_file(os.path.join(folder, shard)))
-        return tensors, index
-    path = os.path.join(folder, "model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no model.safetensors (or sharded index) in {folder}: {sorted(os.listdir(folder))}")
-    return load_file(path), path
+        for f in files:
+            p = os.path.join(folder, f)
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"{path} names {f}, which is not in {folder}")
+            if f.endswith(".safetensors"):
+                tensors.update(load_file(p))
+                continue
+            try:
+                tensors.update(torch.load(p, map_location="cpu", weights_only=True))
+            except Exception as e:  # an old pickle with objects besides tensors
+                raise WeightLoadError(f"{p} cannot be read as plain tensors ({type(e).__name__}); convert it to "
+                                      "safetensors first (transformers: save_pretrained(..., "
+                                      "safe_serialization=True))") from None
+        return tensors, path
+    raise FileNotFoundError(f"no weights in {folder} (none of {', '.join(WEIGHT_FILES)}): {sorted(os.listdir(folder))}")
 
 
 def read_config(folder, cls, **overrides):
@@ -216,9 +214,36 @@ VIT_RULES = [
 def load_vit(src, **overrides):
     folder = resolve(src, ("config.json",))
     cfg = read_config(folder, ViTConfig, **overrides)
-    tensors, path = read_safetensors(folder)
+    tensors, path = read_weights(folder)
     tensors = _rename(tensors, VIT_RULES, ignore=[r"classifier\..*", r"pooler\..*"])
     return load_strict(ViT(cfg), tensors, path)
+
+
+VIT_SAVE_RULES = [  # the inverse of VIT_RULES: our names -> a bare ViTModel's
+    (r"^patch_embeddings\.", "embeddings.patch_embeddings.projection."),
+    (r"^(cls_token|position_embeddings)$", r"embeddings.\1"),
+    (r"^layer\.", "encoder.layer."),
+    (r"\.attention\.dense\.", ".attention.output.dense."),
+    (r"\.attention\.(query|key|value)\.", r".attention.attention.\1."),
+    (r"\.(intermediate|output)\.(weight|bias)$", r".\1.dense.\2"),
+]
+
+
+def save_vit(vit, folder, dtype=torch.float32):
+    """Write a ViT in google/vit's bare ViTModel layout (config.json + model.safetensors), which load_vit and
+    transformers' ViTModel.from_pretrained both read."""
+    c = vit.config
+    tensors = {k: v.detach().to(dtype).contiguous().cpu()
+               for k, v in _rename(vit.state_dict(), VIT_SAVE_RULES).items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0, "image_size": c.image_size, "patch_size": c.patch_size,
+              "num_channels": c.num_channels, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+              "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
+              "layer_norm_eps": c.layer_norm_eps, "qkv_bias": c.qkv_bias, "torch_dtype": str(dtype)[6:]}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 BERT_RULES = [(r"^bert\.", ""), (r"\.gamma$", ".weight"), (r"\.beta$", ".bias")]
@@ -233,10 +258,10 @@ def load_qformer(bert_src, vision_width, num_queries=32, cross_attention_freq=2,
     """A Q-Former initialised from a BERT checkpoint: embeddings, self-attention and FFN of every layer (the
     query FFN starts as a copy of the text FFN), and the MLM head when the checkpoint has one.
     keep_layers > 0 keeps only the checkpoint's first layers (a cheaper Q-Former for CPU runs)."""
-    folder = resolve(bert_src, ("config.json", "tokenizer.json"))
+    folder = resolve(bert_src, ("config.json",))
     cfg = read_config(folder, QFormerConfig, vision_width=vision_width, num_query_tokens=num_queries,
                       cross_attention_freq=cross_attention_freq, **overrides)
-    tensors, path = read_safetensors(folder)
+    tensors, path = read_weights(folder)
     tensors = _rename(tensors, BERT_RULES, ignore=BERT_IGNORE)
     if 0 < keep_layers < cfg.num_hidden_layers:
         cfg.num_hidden_layers = keep_layers
@@ -265,7 +290,7 @@ def load_llm(src):
     if folder.endswith(".gguf"):
         return _load_gguf(folder)
     cfg = read_config(folder, LlamaConfig)
-    tensors, path = read_safetensors(folder)
+    tensors, path = read_weights(folder)
     ignore = [r"lm_head\.weight"] if cfg.tie_word_embeddings else []
     model = load_strict(Llama(cfg), _rename(tensors, [], ignore=ignore), path)
     return model, Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))

@@ -107,7 +107,9 @@ def lora_state_dict(model):
             for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
 
 
-def save_adapter(model, out_dir, base_model_name_or_path=None):
+def save_adapter(model, out_dir, base_model_name_or_path=None, metadata=None):
+    """peft's adapter folder: adapter_config.json + adapter_model.safetensors (metadata: extra string pairs for
+    the safetensors header, e.g. which training step wrote it)."""
     mods = lora_modules(model)
     assert mods, "the model has no LoRA layers to save"
     any_m = next(iter(mods.values()))
@@ -121,8 +123,10 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    save_file({k: v.float().cpu() for k, v in lora_state_dict(model).items()},
-              os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(out_dir, "adapter_model.safetensors")
+    save_file({k: v.float().cpu() for k, v in lora_state_dict(model).items()}, path + ".tmp",
+              metadata={"format": "pt", **(metadata or {})})
+    os.replace(path + ".tmp", path)  # never a half-written adapter under the real name
 
 
 def load_adapter(model, adapter_dir, freeze_base=True):

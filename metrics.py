@@ -78,6 +78,15 @@ REGIONS = ("in the middle", "on the left", "on the right", "at the top", "at the
 REL_WORDS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
 
 
+def match_mentions(ments, objs):
+    """Which scene object each mention stands for: of the assignments of distinct objects to the first
+    min(len) mentions, the one that agrees on most attributes. -> object index per mention (None past the last)."""
+    k = min(len(ments), len(objs))
+    best = max(itertools.permutations(range(len(objs)), k),
+               key=lambda p: sum(m[j] == objs[i][j] for m, i in zip(ments, p) for j in range(3)))
+    return list(best) + [None] * (len(ments) - k)
+
+
 def judge(caption, scene):
     """{count, colour, shape, relation, exact}: each True/False for one generated caption."""
     from data import relation, region  # the same geometry the captions were written from
@@ -88,9 +97,7 @@ def judge(caption, scene):
            "shape": sorted(m[2] for m in ments) == sorted(o[2] for o in objs)}
     rel = False
     if len(ments) == len(objs):
-        # which scene object each mention stands for: the assignment that agrees on most attributes
-        perm = max(itertools.permutations(range(len(objs))),
-                   key=lambda p: sum(m[k] == objs[i][k] for m, i in zip(ments, p) for k in range(3)))
+        perm = match_mentions(ments, objs)
         if len(objs) == 1:
             rel = region(objs[0]) in caption.lower()
         elif len(objs) == 2:
@@ -103,6 +110,31 @@ def judge(caption, scene):
     out["exact"] = all(out.values()) and all(m == o[:3] for m, o in zip(
         ments, [objs[i] for i in perm])) if len(ments) == len(objs) else False
     return out
+
+
+def wrong_spans(caption, scene):
+    """Character spans of the words in a caption that contradict the scene: a size, colour or shape the object
+    it names does not have (every word of an object too many), a region, relation or left-to-right order that
+    does not hold. What a caption leaves out has no word to mark."""
+    from data import relation, region
+    c, objs, spans = caption.lower(), scene["objects"], []
+    found = list(MENTION.finditer(c))
+    perm = match_mentions([m.groups() for m in found], objs)
+    for m, i in zip(found, perm):
+        spans += [m.span(j + 1) for j in range(3) if i is None or m.group(j + 1) != objs[i][j]]
+    placed = [objs[i] for i in perm if i is not None]
+    if len(objs) == 1:
+        spans += [(k, k + len(r)) for r in REGIONS if r != region(objs[0]) for k in [c.find(r)] if k >= 0]
+    elif len(objs) == 2 and len(placed) == 2:
+        for words, rel in REL_WORDS.items():
+            k = c.find(words)
+            if k >= 0 and rel != relation(*placed):
+                spans.append((k, k + len(words)))
+                break
+    elif len(objs) == 3 and len(placed) == 3 and [o[3] for o in placed] != sorted(o[3] for o in placed):
+        k = c.find("left to right")
+        spans += [(k, k + len("left to right"))] if k >= 0 else []
+    return sorted(spans)
 
 
 def shape_attribute_accuracy(hyps, scenes):

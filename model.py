@@ -55,8 +55,6 @@ class ViTConfig:
     intermediate_size: int = 3072
     layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
-    stem_channels: int = 0  # 0: the patch projection, as in ViT; C > 0: a convolutional stem (ConvStem)
-    output_position: float = 0.0  # > 0: fixed 2-D sin-cos positions of this amplitude added to the output tokens
 
 
 class ViTSelfAttention(nn.Module):
@@ -87,42 +85,12 @@ class ViTBlock(nn.Module):
         return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
 
 
-class ConvStem(nn.Sequential):
-    """In place of the patch projection, for a ViT trained from scratch (Xiao et al. 2021, "Early Convolutions
-    Help Transformers See Better"): log2(patch_size) stride-2 3x3 convolutions with C, 2C, 4C, ... channels, each
-    with BatchNorm and ReLU, then a 1x1 convolution to the width. Same token grid as the patches. On the shapes
-    preset it beat the patch projection at four seeds of six, but at another it never took off (EXPERIMENTS.md).
-    BatchNorm, as in the paper: GroupNorm(1, C) in its place learnt almost nothing. So a frozen ViT must stay in
-    eval mode, and under DDP each process normalises with its own batch's statistics."""
-
-    def __init__(self, cfg):
-        n = cfg.patch_size.bit_length() - 1
-        assert cfg.patch_size == 2 ** n, f"a conv stem needs a power-of-two patch size, got {cfg.patch_size}"
-        layers, c_in = [], cfg.num_channels
-        for i in range(n):
-            c = cfg.stem_channels * 2 ** i
-            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
-            c_in = c
-        super().__init__(*layers, nn.Conv2d(c_in, cfg.hidden_size, 1))
-
-
-def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embeddings [grid*grid, dim] (row-major): half the channels encode the row, half
-    the column, each as sines and cosines at frequencies 1/10000^(i/(dim/4))."""
-    assert dim % 4 == 0, f"2-D sin-cos positions need a width divisible by 4, got {dim}"
-    freq = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
-    y, x = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
-    emb = lambda p: torch.cat([torch.sin(p.flatten()[:, None] * freq), torch.cos(p.flatten()[:, None] * freq)], 1)
-    return torch.cat([emb(y), emb(x)], 1)
-
-
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embeddings = ConvStem(cfg) if cfg.stem_channels else \
-            nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.patch_embeddings = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + n_patches, cfg.hidden_size))
         self.layer = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_hidden_layers))
@@ -130,13 +98,6 @@ class ViT(nn.Module):
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)
-        if cfg.stem_channels:  # a conv net's own init (PyTorch's default, Kaiming-uniform), not N(0, 0.02)
-            for m in self.patch_embeddings.modules():
-                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-                    m.reset_parameters()
-        if cfg.output_position:  # not a weight: rebuilt from the config, so checkpoints do not carry it
-            pos = sincos_2d(cfg.image_size // cfg.patch_size, cfg.hidden_size) * cfg.output_position
-            self.register_buffer("output_position_embeddings", F.pad(pos, (0, 0, 1, 0)), persistent=False)  # CLS: 0
 
     def forward(self, pixel_values):
         """pixel_values [B,3,H,W] in [-1, 1] -> last hidden state [B, 1+N, D]."""
@@ -144,11 +105,7 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.position_embeddings
         for block in self.layer:
             x = block(x)
-        x = self.layernorm(x)
-        # The Q-Former's cross-attention pools tokens by what they hold, so it keeps where a token was only as far
-        # as the token itself says so. A pretrained ViT's tokens do; those of a small ViT after minutes of training
-        # from random do not, and adding the positions here is what lets them through (EXPERIMENTS.md: probes).
-        return x + self.output_position_embeddings if self.config.output_position else x
+        return self.layernorm(x)
 
 
 def _init_weights(m):

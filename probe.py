@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
+from load_weights import load_vit
 from train_qformer import build_stage1, load_stage1
 from trainer import run_cli
 
@@ -115,7 +116,8 @@ def run_probes(x_train, train_scenes, x_eval, eval_scenes):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--qformer", default="out/shapes-qformer",
-                   help="a stage-1 output folder (shapes data), or a stage-2 one: the Q-Former as stage 2 left it")
+                   help="a stage-1 output folder (shapes data), a stage-2 one (the Q-Former as stage 2 left it), or "
+                        "a ViT folder (its patch tokens)")
     p.add_argument("--features", choices=("qformer", "vit"), default="qformer")
     p.add_argument("--n_train", type=int, default=3000)
     p.add_argument("--n_eval", type=int, default=1000)
@@ -125,7 +127,10 @@ def main(argv=None):
     torch.manual_seed(0)
     meta = json.load(open(os.path.join(a.qformer, "config.json")))
     vlm = None
-    if meta.get("stage") == 2:  # a stage-2 folder: the Q-Former as stage 2 left it
+    if meta.get("model_type") == "vit":  # a bare ViT (pretrain_vit.py's output): its patch tokens
+        vit, qformer, a.features = load_vit(a.qformer), None, "vit"
+        meta = {"image_size": vit.config.image_size}
+    elif meta.get("stage") == 2:  # a stage-2 folder: the Q-Former as stage 2 left it
         meta = meta["stage1"]
         if a.n_captions > 0:  # the whole model, to caption with; its ViT and Q-Former are the ones to probe
             from train_vlm import load_vlm
@@ -135,7 +140,9 @@ def main(argv=None):
             vit, qformer = build_stage1(meta, os.path.join(a.qformer, "qformer.safetensors"))
     else:
         vit, qformer, _, meta = load_stage1(a.qformer)
-    vit.eval(), qformer.eval()
+    vit.eval()
+    if qformer is not None:
+        qformer.eval()
     size = meta["image_size"]
     x_tr, s_tr = features(vit, qformer, "train", a.n_train, size, a.features)
     x_ev, s_ev = features(vit, qformer, "val", a.n_eval, size, a.features)

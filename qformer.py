@@ -219,11 +219,14 @@ class QFormer(nn.Module):
             h = (h * m).sum(1) / m.sum(1)
         else:
             h = h[:, 0]
-        return F.normalize(self.text_proj(h), dim=-1)
+        with fp32(h):
+            return F.normalize(self.text_proj(h.float()), dim=-1)
 
     def image_feature(self, image_embeds):
         """The ITC image embeddings [B, 32, embed_dim], one per query, L2-normalised."""
-        return F.normalize(self.vision_proj(self.encode_image(image_embeds)), dim=-1)
+        h = self.encode_image(image_embeds)
+        with fp32(h):
+            return F.normalize(self.vision_proj(h.float()), dim=-1)
 
     def itm_logits(self, image_embeds, input_ids, attention_mask):
         """ITM: the query outputs of a bidirectional pass, each scored by itm_head, averaged: [B, 2]."""
@@ -253,17 +256,26 @@ def _init_weights(m):
 # the three stage-1 objectives
 
 
+def fp32(x):
+    """Autocast off, for the ITC features and similarities: at temperature 0.02 a logit is a cosine x 50, and
+    bf16's ~3 significant digits would put an error of ~0.2 on logits that differ by less early on."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def itc_similarity(img_feats, txt_feat):
     """img_feats [Bi,32,E], txt_feat [Bt,E] (both L2-normalised) -> [Bi,Bt]: the best-matching query per pair."""
-    return torch.einsum("iqe,te->itq", img_feats, txt_feat).max(dim=-1).values
+    with fp32(img_feats):
+        return torch.einsum("iqe,te->itq", img_feats.float(), txt_feat.float()).max(dim=-1).values
 
 
-def hard_negatives(sim, same, generator=None, rank=0, world=1):
+def hard_negatives(sim, same, generator=None, offset=0, total=None):
     """For each row, a column drawn with probability softmax(sim) among the columns that are not positives
-    (`same`). Gumbel-max sampling with noise for the whole global batch, so that every DDP process draws what
-    a single process would and takes its own rows. A row with no negative at all falls back to uniform."""
+    (`same`). Gumbel-max sampling with noise drawn for the whole global batch (`total` rows, this process's
+    starting at `offset`), so that every DDP process draws what a single process would. A row with no negative
+    at all falls back to uniform."""
     B = sim.size(0)
-    g = torch.rand(B * world, sim.size(1), generator=generator).to(sim.device)[rank * B:(rank + 1) * B]
+    total = B if total is None else total
+    g = torch.rand(total, sim.size(1), generator=generator).to(sim.device)[offset:offset + B]
     logits = sim.float().masked_fill(same, float("-inf"))
     logits = torch.where(same.all(1, keepdim=True), torch.zeros_like(logits), logits)
     return (logits - torch.log(-torch.log(g.clamp_min(1e-20)))).argmax(dim=1)
@@ -273,14 +285,18 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
                   env=None, generator=None):
     """BLIP-2's ITC, ITM and ITG on one (local) batch. key_ids: an int per sample naming its content, so that
     duplicates (the same scene, captioned alike) count as positives in ITC and are never drawn as ITM negatives.
-    env (trainer.Env) gathers across DDP processes; with the same global batch the loss equals a single
-    process's. generator: seeds the hard-negative draw identically on every process. -> {name: loss}"""
-    gather = env.gather if env is not None else (lambda x: x)
-    gather_nograd = env.gather_nograd if env is not None else (lambda x: x)
-    rank, world = (env.rank, env.world) if env is not None else (0, 1)
+    env (trainer.Env) gathers across DDP processes, whose local batches may differ in size; each loss is a sum
+    over the local samples scaled so that DDP's average over processes is the mean over the global batch, what
+    one process would compute on all of it. generator: seeds the hard-negative draw identically on every
+    process. -> {name: loss}"""
     B, out = input_ids.size(0), {}
+    rank, world = (env.rank, env.world) if env is not None else (0, 1)
+    sizes = env.sizes(B) if env is not None else [B]
+    N, offset = sum(sizes), sum(sizes[:rank])
+    gather = (lambda x: env.gather(x, sizes)) if env is not None else (lambda x: x)
+    gather_nograd = (lambda x: env.gather_nograd(x, sizes)) if env is not None else (lambda x: x)
     all_keys = gather_nograd(key_ids)
-    same = key_ids[:, None] == all_keys[None]  # [B, B*world]: positives (the pair itself included)
+    same = key_ids[:, None] == all_keys[None]  # [B, N]: positives (the pair itself included)
     if "itc" in losses or "itm" in losses:
         with torch.no_grad():
             qf.temp.clamp_(0.001, 0.5)
@@ -289,14 +305,14 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
         sim_t2i = itc_similarity(gather(img_feats), txt_feat).t() / qf.temp
         if "itc" in losses:
             targets = same.float() / same.float().sum(1, keepdim=True)
-            out["itc"] = (F.cross_entropy(sim_i2t.float(), targets, label_smoothing=0.1)
-                          + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=0.1)) / 2
+            ce = lambda s: F.cross_entropy(s.float(), targets, label_smoothing=0.1, reduction="sum")
+            out["itc"] = (ce(sim_i2t) + ce(sim_t2i)) / 2 * world / N
     if "itm" in losses:
         all_img, all_ids, all_mask = gather_nograd(image_embeds), gather_nograd(input_ids), \
             gather_nograd(attention_mask)
         with torch.no_grad():
-            neg_txt = hard_negatives(sim_i2t, same, generator, rank, world)
-            neg_img = hard_negatives(sim_t2i, same, generator, rank, world)
+            neg_txt = hard_negatives(sim_i2t, same, generator, offset, N)
+            neg_img = hard_negatives(sim_t2i, same, generator, offset, N)
         pad = lambda x: F.pad(x, (0, all_ids.size(1) - x.size(1)))  # other processes' text may be longer
         imgs = torch.cat([image_embeds, image_embeds, all_img[neg_img]])
         ids = torch.cat([pad(input_ids), all_ids[neg_txt], pad(input_ids)])
@@ -305,7 +321,8 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
         # a drawn "negative" can only be a positive when the whole global batch shares one content
         labels[B:2 * B] = same.gather(1, neg_txt[:, None]).squeeze(1).long()
         labels[2 * B:] = same.gather(1, neg_img[:, None]).squeeze(1).long()
-        out["itm"] = F.cross_entropy(qf.itm_logits(imgs, ids, mask).float(), labels)
+        logits = qf.itm_logits(imgs, ids, mask).float()
+        out["itm"] = F.cross_entropy(logits, labels, reduction="sum") * world / (3 * N)
     if "itg" in losses:
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = qf.config.dec_token_id  # [DEC] replaces [CLS]: "now describe the image"

@@ -57,21 +57,39 @@ def main(argv=None):
     if ckpt is None or not os.path.exists(os.path.join(ckpt, "config.json")):
         fail(f"no stage-2 checkpoint {'at ' + ckpt if ckpt else 'under out/'}: train one with train_vlm.py "
              "(or the demo), or pass --checkpoint")
+    from load_weights import WeightLoadError
     from train_vlm import USER_PROMPTS, load_vlm
+    from trainer import CheckpointError
     print(f"loading {ckpt} ...", file=sys.stderr)
-    model, meta = load_vlm(ckpt, a.device)
+    try:
+        model, meta = load_vlm(ckpt, a.device)
+    except (FileNotFoundError, ConnectionError, CheckpointError, WeightLoadError) as e:
+        fail(str(e))
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               generator=gen)
-    stream = len(images) <= 1  # one row: print tokens as they come (still one line on stdout)
+    stream = len(images) <= 1  # one row: print the text as it comes (a caption stays one line on stdout)
     if stream:
-        kw["on_token"] = lambda t: t.item() != 2 and print(model.tok.decode([t.item()]), end="", flush=True)
+        ids, shown = [], ""
+
+        def show(token):
+            nonlocal shown
+            if token.item() == 2:
+                return
+            ids.append(token.item())
+            text = model.tok.decode(ids)  # the whole reply so far: a character may span several byte tokens
+            if "\ufffd" in text[-1:]:
+                return  # a character cut in half: wait for its other bytes
+            new = text[len(shown):]
+            print(new.replace("\n", " ") if images else new, end="", flush=True)
+            shown = text
+        kw["on_token"] = show
     if images:
         pix = torch.stack([to_pixels(im, meta["image_size"]) for im in images])
         out = model.generate(pix, [a.prompt or USER_PROMPTS[0]] * len(images), **kw)
         for path, text in zip(a.image, out):
             if not stream:
-                print(text, flush=True)
+                print(text.replace("\n", " "), flush=True)
     else:
         out = model.generate(prompts=[a.prompt or "Hello! What can you do?"], **kw)
         if not stream:

@@ -50,52 +50,46 @@ def test_vit_parity(tmp_path, layout):
     assert d <= ATOL
 
 
-def test_vit_output_position_is_fixed_and_not_a_weight():
-    """--vit_output_position adds fixed sin-cos positions to the output tokens (none to CLS): the same weights
-    give outputs that differ by exactly that table, one distinct row per position, and no tensor joins the
-    state dict (checkpoints and the strict loaders stay as they are)."""
-    kw = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-              intermediate_size=64)
-    plain, posed = ViT(ViTConfig(**kw)), ViT(ViTConfig(**kw, output_position=0.5))
-    assert set(posed.state_dict()) == set(plain.state_dict())
-    posed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    diff = posed(x) - plain(x)
-    assert torch.allclose(diff[0], diff[1], atol=1e-5) and diff[0, 0].abs().max() < 1e-5  # the same for every image; CLS: none
-    table = diff[0, 1:]
-    assert table.shape == (16, 32) and torch.cdist(table, table).add(torch.eye(16)).min() > 0.1  # all rows differ
-    assert torch.allclose(table.pow(2).mean().sqrt(), torch.tensor(0.5 / 2 ** 0.5), atol=1e-5)  # amplitude 0.5
-
-
-def test_conv_stem_token_grid_and_frozen_vit_stays_in_eval():
-    """The random ViT's convolutional stem gives the patch projection's token grid; in eval mode one image's
-    tokens do not depend on the rest of the batch; a frozen ViT (stage 1 with train_vit off, and stage 2) stays
-    in eval mode through .train(), so its BatchNorm statistics never move."""
+def test_shipped_shapes_vit_loads_in_ours_and_transformers(tmp_path):
+    """assets/shapes-vit (pretrain_vit.py's output) is google/vit's ViTModel layout: load_vit and transformers'
+    ViTModel.from_pretrained read it and agree; save_vit writes that layout back exactly."""
     import train_qformer
-    import train_vlm
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64, stem_channels=4)
-    vit = ViT(cfg)
-    assert [m.out_channels for m in vit.patch_embeddings if isinstance(m, torch.nn.Conv2d)] == [4, 8, 16, 32]
-    x = torch.randn(3, 3, 32, 32)
-    vit.train()(x)  # batch statistics: the running ones move
-    vit.eval()
-    out = vit(x)
-    assert out.shape == (3, 1 + 16, 32)
-    x[1:] = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(vit(x)[0], out[0], atol=1e-6)
-    with pytest.raises(AssertionError, match="power-of-two"):
-        ViT(ViTConfig(image_size=36, patch_size=6, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, stem_channels=4))
-    frozen = train_qformer.Stage1(vit, torch.nn.Linear(1, 1), train_vit=False).train()
-    assert frozen.training and not any(m.training for m in vit.modules())
-    assert train_qformer.Stage1(vit, torch.nn.Linear(1, 1), train_vit=True).train().vit.training
-    vit.train()
-    llm = Llama(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1))
-    vlm = train_vlm.VLM(vit, tiny_qformer(), llm, tokenizer=None)
-    assert not vlm.train().vit.training and vlm.projector.training
+    ours = load_vit(train_qformer.SHAPES_VIT).eval()
+    hf = transformers.ViTModel.from_pretrained(train_qformer.SHAPES_VIT, add_pooling_layer=False,
+                                               dtype=torch.float32).eval()  # stored in fp16, compared in fp32
+    x = torch.stack([data.to_pixels(data.make_shape_example(1, i, 64)[0], 64) for i in range(2)])
+    with torch.no_grad():
+        d = maxdiff(ours(x), hf(pixel_values=x).last_hidden_state)
+    print(f"shapes ViT, ours vs transformers: max abs diff {d:.2e}")
+    assert d <= ATOL
+    from load_weights import save_vit
+    save_vit(ours, tmp_path, dtype=torch.float16)
+    a, b = load_file(tmp_path / "model.safetensors"), load_file(os.path.join(train_qformer.SHAPES_VIT,
+                                                                              "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_vit_targets_and_export(tmp_path):
+    """The dense targets describe the scene (each object's patches carry its colour, shape and size; the rest
+    is background; offsets point at the object's centre), and a short run exports a ViT that loads."""
+    import pretrain_vit
+    ds = pretrain_vit.PatchTargets("train", 50, 64, 8, 0.15)
+    for i in range(50):
+        _, t, _ = ds[i]
+        objs = data.shape_scene(0, i)["objects"]
+        assert t["count"] == len(objs) - 1
+        colours = {list(data.COLOURS)[c - 1] for c in t["colour"].unique().tolist() if c > 0}
+        assert colours == {o[1] for o in objs}  # every object covers some patch, and nothing else does
+        on = t["colour"] > 0
+        assert (t["shape"][on] > 0).all() and (t["shape"][~on] == 0).all() and t["offset"][~on].abs().max() == 0
+        grid = (torch.arange(64) % 8 + 0.5) / 8
+        centres = grid[on] + t["offset"][on][:, 0]  # patch x + offset = the x of an object's centre
+        assert all(min(abs(c - o[3]) for o in objs) < 1e-5 for c in centres.tolist())
+    pretrain_vit.main(["--max_steps", "2", "--batch_size", "4", "--eval_interval", "2", "--eval_samples", "8",
+                       "--layers", "1", "--hidden_size", "32", "--heads", "2", "--num_workers", "0",
+                       "--out_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "vit")])
+    vit = load_vit(str(tmp_path / "vit"))
+    assert vit.config.hidden_size == 32 and vit(torch.zeros(1, 3, 64, 64)).shape == (1, 65, 32)
 
 
 # ---------------------------------------------------------------------------------------------------- BERT / Q-Former
@@ -436,12 +430,28 @@ def test_bert_gamma_beta_and_sharded(tmp_path):
 
 
 def test_offline_hub_error_is_clear(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ConnectionError, match="not in the cache"):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConnectionError, match="not in the hub cache"):
         load_vit("google/vit-base-patch16-224")
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         load_vit(str(tmp_path / "nope"))
+
+
+def test_loaders_name_the_missing_file(tmp_path):
+    """A local folder that lacks what a loader needs: the error names the file."""
+    hf = tiny_llama_hf()
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+        load_llm(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    save_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors or pytorch_model.bin"):
+        load_llm(str(tmp_path))
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_vit(str(tmp_path))
 
 # ---------------------------------------------------------------------------------------------------- stage 1
 import io
@@ -607,8 +617,7 @@ def test_folder_dataset_and_exif(tmp_path):
 
 
 def test_pick_shards_from_listing():
-    listing = [{"path": "cc3m-train-0001.tar"}, {"path": "cc3m-validation-0000.tar"}, {"path": "README.md"},
-               {"path": "cc3m-train-0000.tar"}]
+    listing = ["cc3m-train-0001.tar", "cc3m-validation-0000.tar", "README.md", "cc3m-train-0000.tar"]
     assert data.pick_shards(listing) == ["cc3m-train-0000.tar", "cc3m-train-0001.tar"]
 
 
@@ -812,7 +821,7 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
               "qformer.safetensors", "config.json", "retention.json", "metrics.jsonl", "train_state.pt"):
         assert (out / f).exists(), f
     cfg = json.load(open(out / "config.json"))
-    assert cfg["image_size"] == 32 and cfg["data_preset"] == "tiny" and cfg["num_query_tokens"] == 4
+    assert cfg["image_size"] == 64 and cfg["data_preset"] == "tiny" and cfg["num_query_tokens"] == 4
     imgs = []
     for i in range(2):
         data.make_shape_example(2, i, 40)[0].save(tmp_path / f"{i}.png")
@@ -874,7 +883,7 @@ def test_compiled_train_step_matches_eager():
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=48))
-    eager = train_qformer.Stage1(vit, tiny_qformer().train(), False)
+    eager = train_qformer.Stage1(vit, tiny_qformer().train())
     compiled_model = copy.deepcopy(eager)
     batch = {"pixel_values": torch.randn(4, 3, 16, 16), "input_ids": torch.randint(2, 50, (4, 7)),
              "attention_mask": torch.ones(4, 7, dtype=torch.long), "key_ids": torch.arange(4)}
@@ -893,3 +902,568 @@ def test_compiled_train_step_matches_eager():
     print("eager", losses["eager"], "compiled", losses["compiled"])
     assert losses["eager"][0] != losses["eager"][2]  # the steps did change the model
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5)
+
+# ---------------------------------------------------------------------------------------------------- the hub
+# A loopback imitation of the model hub: a threaded http.server on 127.0.0.1 that answers the requests
+# huggingface_hub makes (HEAD/GET .../resolve/..., paged tree listings, renamed repos that redirect) with tiny
+# checkpoints built here under the real repo ids and in the real layouts; large files answer with a redirect to a
+# second loopback host, as the hub's CDN does. It counts what it serves and can cut a transfer or fail on purpose.
+import glob
+import hashlib
+import http.server
+import random
+import shutil
+import signal
+import threading
+import time
+import urllib.parse
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class LoopbackHub:
+    """repos[(kind, repo_id)] = {"commit": sha, "files": {path: bytes}}; kind is "models" or "datasets"."""
+    LFS = (".safetensors", ".bin", ".tar")  # served through the CDN host, like the hub's LFS/Xet files
+
+    def __init__(self, page_size=2):
+        self.repos, self.renamed, self.page_size = {}, {}, page_size
+        self.cdn_gets, self.cdn_auth, self.hub_auth = {}, [], []
+        self.cut = {}            # "repo_id/path" -> how many more GETs of it to cut halfway
+        self.fail_status = None  # answer every hub request with this status (a 5xx / 429 outage)
+        self.lock = threading.Lock()
+        self.hub = self._serve(self._hub_handler())
+        self.cdn = self._serve(self._cdn_handler())
+        self.endpoint = f"http://127.0.0.1:{self.hub.server_address[1]}"
+
+    def add(self, kind, repo_id, files):
+        commit = hashlib.sha1(repr(sorted((p, hashlib.sha256(b).hexdigest()) for p, b in files.items()))
+                              .encode()).hexdigest()
+        self.repos[(kind, repo_id)] = {"commit": commit, "files": files}
+
+    def blob(self, sha):
+        return next(b for r in self.repos.values() for b in r["files"].values() if hashlib.sha256(b).hexdigest() == sha)
+
+    def close(self):
+        for s in (self.hub, self.cdn):
+            s.shutdown()
+            s.server_close()
+
+    @staticmethod
+    def _serve(handler):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def _hub_handler(hub):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def send(self, status, headers=(), body=b""):
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_HEAD(self):
+                self.do_GET()
+
+            def do_GET(self):
+                with hub.lock:
+                    hub.hub_auth.append(self.headers.get("Authorization"))
+                if hub.fail_status:
+                    return self.send(hub.fail_status)
+                url = urllib.parse.urlsplit(self.path)
+                parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+                if parts[0] == "api":  # /api/{models,datasets}/{repo}/tree/{rev}?recursive=...&cursor=...
+                    kind, rest = parts[1], parts[2:]
+                    i = rest.index("tree")
+                    return self.tree(kind, "/".join(rest[:i]), rest[i + 1], urllib.parse.parse_qs(url.query))
+                kind, rest = ("datasets", parts[1:]) if parts[0] == "datasets" else ("models", parts)
+                i = rest.index("resolve")
+                self.resolve(kind, "/".join(rest[:i]), rest[i + 1], "/".join(rest[i + 2:]))
+
+            def repo(self, kind, repo_id, revision, tail):
+                if repo_id in hub.renamed:  # a renamed repo: a relative redirect, as the hub answers
+                    new = hub.renamed[repo_id]
+                    prefix = "/datasets" if kind == "datasets" else ""
+                    self.send(307, [("Location", f"{prefix}/{new}/{tail}")])
+                    return None
+                r = hub.repos.get((kind, repo_id))
+                if r is None:
+                    self.send(404, [("X-Error-Code", "RepoNotFound")])
+                elif revision not in ("main", r["commit"]):
+                    self.send(404, [("X-Error-Code", "RevisionNotFound")])
+                return r if r is not None and revision in ("main", r["commit"]) else None
+
+            def resolve(self, kind, repo_id, revision, path):
+                r = self.repo(kind, repo_id, revision, f"resolve/{revision}/{path}")
+                if r is None:
+                    return
+                head = [("X-Repo-Commit", r["commit"])]
+                if path not in r["files"]:
+                    return self.send(404, head + [("X-Error-Code", "EntryNotFound")])
+                body = r["files"][path]
+                sha = hashlib.sha256(body).hexdigest()
+                if path.endswith(hub.LFS):
+                    cdn = f"http://127.0.0.1:{hub.cdn.server_address[1]}/{sha}?name={urllib.parse.quote(repo_id + '/' + path)}"
+                    return self.send(302, head + [("Location", cdn), ("X-Linked-Etag", f'"{sha}"'),
+                                                  ("X-Linked-Size", str(len(body))), ("ETag", '"pointer"')])
+                self.send(200, head + [("ETag", f'"{hashlib.sha1(body).hexdigest()}"')], body)
+
+            def tree(self, kind, repo_id, revision, query):
+                r = self.repo(kind, repo_id, revision, f"tree/{revision}")
+                if r is None:
+                    return
+                entries = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                           for p, b in sorted(r["files"].items())]
+                start = int(query.get("cursor", ["0"])[0])
+                page, nxt = entries[start:start + hub.page_size], start + hub.page_size
+                head = [("Content-Type", "application/json")]
+                if nxt < len(entries):  # pages, as the hub does past 1,000 entries
+                    q = urllib.parse.urlencode({**{k: v[0] for k, v in query.items()}, "cursor": nxt})
+                    head.append(("Link", f'<{hub.endpoint}/api/{kind}/{repo_id}/tree/{revision}?{q}>; rel="next"'))
+                self.send(200, head, json.dumps(page).encode())
+        return Handler
+
+    def _cdn_handler(hub):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                name = urllib.parse.parse_qs(url.query)["name"][0]
+                body = hub.blob(url.path.strip("/"))
+                with hub.lock:
+                    hub.cdn_gets[name] = hub.cdn_gets.get(name, 0) + 1
+                    hub.cdn_auth.append(self.headers.get("Authorization"))
+                    cut = hub.cut.get(name, 0) > 0
+                    if cut:
+                        hub.cut[name] -= 1
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if cut:  # half the bytes, then the connection drops
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body[start:])
+        return Handler
+
+
+def _files(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def bert_wordpiece_tokenizer_json():
+    """A bert-base-uncased-style tokenizer.json (lower-casing WordPiece, [CLS] ... [SEP]) over letters and digits."""
+    from tokenizers import normalizers, pre_tokenizers, processors
+    vocab = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"-()&$/")
+    vocab += chars + ["##" + c for c in chars] + ["the", "a", "of", "and", "red", "blue", "green", "circle"]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 3),
+                                                                                                 ("[SEP]", 4)])
+    return tok.to_str().encode(), len(vocab)
+
+
+def webdataset_shard(samples):
+    """A .tar of (key, jpeg bytes, caption) in img2dataset's layout."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, img, txt in samples:
+            for ext, payload in ((".jpg", img), (".txt", txt.encode())):
+                info = tarfile.TarInfo(key + ext)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hub_repos(tmp_path_factory, smol_tok):
+    """The files of the four repos the recipe's defaults name, tiny, in their real layouts."""
+    d = tmp_path_factory.mktemp("repos")
+    torch.manual_seed(0)
+    # google/vit-base-patch16-224: an image-classification checkpoint (vit. prefix + classifier)
+    transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=3)).save_pretrained(d / "vit")
+    # bert-base-uncased: a pre-training checkpoint (bert. prefix, gamma/beta, cls.* heads) with its tokenizer
+    tok_json, vocab = bert_wordpiece_tokenizer_json()
+    bert = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64))
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
+          v.clone().contiguous() for k, v in bert.state_dict().items()}
+    (d / "bert").mkdir()
+    save_file(sd, d / "bert" / "model.safetensors")
+    bert.config.to_json_file(d / "bert" / "config.json")
+    (d / "bert" / "tokenizer.json").write_bytes(tok_json)
+    # HuggingFaceTB/SmolLM2-135M-Instruct: Llama, tied embeddings, SmolLM2's own tokenizer.json
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(d / "lm")
+    smol_tok.save(str(d / "lm" / "tokenizer.json"))
+    # pixparse/cc3m-wds: train and validation shards, _info.json; one unreadable sample in a train shard
+    def sample(split, i):
+        img, caption = data.make_shape_example(data.SPLIT_SEEDS[split], i, 40)
+        return f"{i:06d}", _img_bytes(img, "JPEG"), caption
+    shards, lengths = {}, {"train": [], "validation": []}
+    for split, n_shards, per in (("train", 3, 10), ("validation", 1, 8)):
+        for s in range(n_shards):
+            rows = [sample("train" if split == "train" else "val", s * per + i) for i in range(per)]
+            if split == "train" and s == 1:
+                rows[3] = (rows[3][0], b"not an image", rows[3][2])
+            shards[f"cc3m-{split}-{s:04d}.tar"] = webdataset_shard(rows)
+            lengths[split].append(per)
+    info = {"name": "cc3m", "splits": {split: {"name": split, "num_samples": sum(ls), "shard_lengths": ls,
+                                               "filenames": [f"cc3m-{split}-{s:04d}.tar" for s in range(len(ls))]}
+                                       for split, ls in lengths.items()}}
+    return {("models", "google/vit-base-patch16-224"): _files(d / "vit"),
+            ("models", "google-bert/bert-base-uncased"): _files(d / "bert"),
+            ("models", "HuggingFaceTB/SmolLM2-135M-Instruct"): _files(d / "lm"),
+            ("datasets", "pixparse/cc3m-wds"): {**shards, "_info.json": json.dumps(info).encode(),
+                                                "README.md": b"# cc3m\n"}}
+
+
+@pytest.fixture
+def hub(hub_repos):
+    h = LoopbackHub()
+    for (kind, repo_id), files in hub_repos.items():
+        h.add(kind, repo_id, files)
+    h.renamed["bert-base-uncased"] = "google-bert/bert-base-uncased"
+    yield h
+    h.close()
+
+
+def hub_env(hub, tmp_path, offline=False):
+    """The environment a user's shell would have: the hub at HF_ENDPOINT, an empty cache, a token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_CACHE": str(tmp_path / "hub_cache"), "HF_TOKEN": "hf_secret_token",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1" if offline else "0",
+            "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def run_script(args, env, cwd, timeout=600):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert r.returncode == 0, f"{args} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def cache_blobs(tmp_path):
+    """{sha256 hex: bytes} of every file in the hub cache's blob stores."""
+    return {os.path.basename(p): open(p, "rb").read()
+            for p in glob.glob(str(tmp_path / "hub_cache" / "*" / "blobs" / "*"))}
+
+
+def test_recipe_commands_through_the_hub_then_offline(hub, tmp_path):
+    """The three used-by commands with no model or data flags, only ones that shorten the run: on a cold cache
+    against the loopback hub (bert-base-uncased reached through its rename, large files through the CDN host),
+    then again with the hub gone and HF_HUB_OFFLINE=1, from the warm cache."""
+    work = tmp_path / "work"
+    work.mkdir()
+    data.make_shape_example(2, 0, 48)[0].save(work / "cat.jpg")
+    short = ["--max_steps", "2", "--batch_size", "4", "--eval_interval", "2", "--n_pairs", "16"]
+    commands = [[f"{ROOT}/train_qformer.py", *short], [f"{ROOT}/train_vlm.py", "--lora_rank", "8", *short],
+                [f"{ROOT}/sample.py", "--image", "cat.jpg"]]
+    env = hub_env(hub, tmp_path)
+    outs = [run_script(c, env, work) for c in commands]
+    s1 = json.load(open(work / "out" / "qformer" / "config.json"))
+    assert s1["image_size"] == 32 and s1["bert"] == "bert-base-uncased"  # the ViT's own size; the short name
+    evals = [json.loads(l) for l in open(work / "out" / "qformer" / "metrics.jsonl") if '"eval"' in l]
+    assert evals and evals[-1]["n_eval"] == 8  # the validation split's 8 pairs, fewer than R@10 and ITM's 16
+    assert outs[2].stdout.count("\n") == 1  # one caption line
+    # every file in the cache has the bytes served; the large ones came through the CDN, once each
+    served = {hashlib.sha256(b).hexdigest(): b for r in hub.repos.values() for b in r["files"].values()}
+    blobs = cache_blobs(tmp_path)
+    lfs = {k: v for k, v in blobs.items() if len(k) == 64}
+    assert lfs and all(served[k] == v for k, v in lfs.items())
+    assert all(hashlib.sha1(v).hexdigest() == k for k, v in blobs.items() if len(k) == 40)
+    assert {"google/vit-base-patch16-224/model.safetensors", "google-bert/bert-base-uncased/model.safetensors",
+            "pixparse/cc3m-wds/cc3m-train-0000.tar", "pixparse/cc3m-wds/cc3m-validation-0000.tar",
+            "HuggingFaceTB/SmolLM2-135M-Instruct/model.safetensors"} <= set(hub.cdn_gets)
+    assert not glob.glob(str(tmp_path / "hub_cache" / "**" / "*.incomplete"), recursive=True)
+    # the token went to the hub, never to the CDN host its large files redirect to
+    assert "Bearer hf_secret_token" in hub.hub_auth and not any(hub.cdn_auth)
+    hub.close()  # no network at all now
+    off = hub_env(hub, tmp_path, offline=True)
+    for c in commands:
+        run_script(c, off, work)
+
+
+def test_hub_cut_connection_outage_and_offline_errors(hub, tmp_path):
+    """A transfer cut halfway is resumed and checked; one that keeps failing leaves nothing in the cache and a
+    one-line error; a hub answering 5xx or 429 does not stop a run whose files are cached; offline with an empty
+    cache says so in one line; a .bin-only checkpoint loads."""
+    load = [sys.executable, "-c", "import sys, load_weights, trainer; trainer.run_cli(lambda: "
+            "print(load_weights.load_vit(sys.argv[1]).config.image_size))"]
+    env = hub_env(hub, tmp_path)
+    vit_weights = "google/vit-base-patch16-224/model.safetensors"
+    hub.cut[vit_weights] = 1
+    r = run_script([*load[1:], "google/vit-base-patch16-224"], env, ROOT)
+    assert r.stdout.strip() == "32" and hub.cdn_gets[vit_weights] == 2  # cut, then resumed with a Range
+    served = hub.repos[("models", "google/vit-base-patch16-224")]["files"]["model.safetensors"]
+    assert cache_blobs(tmp_path)[hashlib.sha256(served).hexdigest()] == served
+    for status in (500, 429):  # the hub is down: the cached model still loads, without waiting on retries
+        hub.fail_status = status
+        t = time.time()
+        assert run_script([*load[1:], "google/vit-base-patch16-224"], env, ROOT).stdout.strip() == "32"
+        assert time.time() - t < 30
+    hub.fail_status = None
+    # a transfer that never completes: an error, and no short file published under any name
+    cold = tmp_path / "cold"
+    hub.cut[vit_weights] = 100
+    r = subprocess.run([*load, "google/vit-base-patch16-224"], capture_output=True, text=True, cwd=ROOT,
+                       env=hub_env(hub, cold))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: downloading model.safetensors") and "Traceback" not in r.stderr
+    assert not glob.glob(str(cold / "hub_cache" / "**" / "model.safetensors*"), recursive=True)
+    assert list(cache_blobs(cold).values()) == [hub.repos[("models", "google/vit-base-patch16-224")]["files"]
+                                                ["config.json"]]  # only the complete config.json
+    hub.cut.clear()
+    # offline with an empty cache: one line that says what to do
+    r = subprocess.run([*load, "google/vit-base-patch16-224"], capture_output=True, text=True, cwd=ROOT,
+                       env=hub_env(hub, tmp_path / "empty", offline=True))
+    assert r.returncode == 1 and "not in the hub cache" in r.stderr and r.stderr.count("\n") == 1
+    # a repo that ships only pytorch_model.bin (as google/vit-large-patch16-224 does)
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(tiny_vit_config(), add_pooling_layer=False).eval()
+    hf.save_pretrained(tmp_path / "bin")  # then the same tensors, under the same names, as a pickle
+    torch.save(load_file(tmp_path / "bin" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    os.remove(tmp_path / "bin" / "model.safetensors")
+    hub.add("models", "google/vit-large-patch16-224", _files(tmp_path / "bin"))
+    script = ("import sys, torch, load_weights; v = load_weights.load_vit(sys.argv[1]).eval(); "
+              "torch.save(v(torch.ones(1, 3, 32, 32)), sys.argv[2])")
+    run_script(["-c", script, "google/vit-large-patch16-224", str(tmp_path / "out.pt")], env, ROOT)
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.ones(1, 3, 32, 32)).last_hidden_state
+    assert maxdiff(torch.load(tmp_path / "out.pt"), ref) <= ATOL
+
+
+def test_hub_listing_pages_and_shards(hub, tmp_path):
+    """Shards of a dataset repo: from its _info.json (counts included) or, without one, from the full paged
+    listing; a warning when fewer pairs exist than asked; the validation split where there is one."""
+    files = hub.repos[("datasets", "pixparse/cc3m-wds")]["files"]
+    hub.add("datasets", "someone/no-info-wds", {k: v for k, v in files.items() if k != "_info.json"})
+    script = """if 1:
+        import json, os, sys, data
+        name = lambda ps: [os.path.basename(p) for p in ps]
+        out = {"train15": data.hub_shards("pixparse/cc3m-wds", "train", 15),
+               "val": name(data.hub_shards("pixparse/cc3m-wds", "validation", 5)),
+               "listed": name(data.hub_shards("someone/no-info-wds", "train", 0)),
+               "all": name(data.hub_shards("pixparse/cc3m-wds", "train", 1000))}
+        try:
+            data.hub_shards("nobody/nothing")
+        except FileNotFoundError as e:
+            out["missing"] = str(e)
+        print(json.dumps(out))"""
+    r = run_script(["-c", script], hub_env(hub, tmp_path), ROOT)
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert [os.path.basename(p) for p in out["train15"]] == ["cc3m-train-0000.tar", "cc3m-train-0001.tar"]
+    assert open(out["train15"][1], "rb").read() == files["cc3m-train-0001.tar"]
+    assert out["val"] == ["cc3m-validation-0000.tar"]
+    assert out["listed"] == out["all"] == [f"cc3m-train-{i:04d}.tar" for i in range(3)]  # 6 files, pages of 2
+    assert "only 30 train pairs, fewer than the 1,000 asked for" in r.stderr
+    assert "no dataset 'nobody/nothing'" in out["missing"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_stage1_on_a_cold_cache(hub, tmp_path):
+    """torchrun with 2 processes (gloo) of the default stage 1 on a cold cache: each large file is downloaded
+    once, by one process, while the other waits; the cache holds the served bytes; the run trains through a
+    step where one process's batch is a sample short (an unreadable image in the shard)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), f"{ROOT}/train_qformer.py", "--max_steps", "3", "--batch_size",
+                "4", "--eval_interval", "3", "--log_interval", "1", "--n_pairs", "30"], hub_env(hub, tmp_path), work)
+    assert hub.cdn_gets and all(n == 1 for n in hub.cdn_gets.values()), hub.cdn_gets
+    served = {hashlib.sha256(b).hexdigest(): b for r in hub.repos.values() for b in r["files"].values()}
+    assert all(served[k] == v for k, v in cache_blobs(tmp_path).items() if len(k) == 64)
+    rows = [json.loads(l) for l in open(work / "out" / "qformer" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "itc" in r] == [1, 2, 3] and all(np.isfinite(r["itm"]) for r in rows if "itm" in r)
+
+
+def _unequal_batches_worker(rank, port, out):
+    """One of two gloo processes holding 3 and 5 of the same 8 samples."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import trainer
+    env = trainer.Env("cpu", "float32")
+    torch.distributed.barrier()
+    rows = slice(0, 3) if rank == 0 else slice(3, 8)
+    result = {}
+    for name, (loss_fn, model) in _unequal_cases().items():
+        loss = loss_fn(model, rows, env)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        torch.distributed.all_reduce(grads)  # what DDP does to the gradients: their mean over processes
+        result[name] = (float(env.sum(loss.detach())) / 2, grads / 2)
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def _unequal_cases():
+    """{name: (loss(model, rows, env), model)} for stage 1's three losses and stage 2's caption loss."""
+    g = torch.Generator().manual_seed(0)
+    img, ids = torch.randn(8, 5, 24, generator=g), torch.randint(2, 50, (8, 7), generator=g)
+    mask = torch.ones(8, 7, dtype=torch.long)
+    mask[2, 4:], mask[6, 5:] = 0, 0
+    keys = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])  # a duplicate across the two processes' halves
+
+    def stage1(qf, rows, env):
+        out = stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc", "itm", "itg"), env,
+                            torch.Generator().manual_seed(1))
+        return sum(out.values())
+
+    vlm = tiny_vlm_for_ddp()
+    collate = train_vlm.Stage2Collate(vlm.tok, 4, 16)
+    caps = ["a red circle", "two blue squares side by side", "x", "a large green diamond at the top", "y z",
+            "three shapes", "one", "a small purple triangle on the left"]
+    batch = collate([(torch.randn(3, 16, 16, generator=g), c, "k", i) for i, c in enumerate(caps)])
+
+    def stage2(model, rows, env):
+        part = {k: batch[k][rows] for k in ("lm_ids", "image_mask", "targets", "pixel_values")}
+        return train_vlm.caption_loss(model, part, env)
+
+    return {"stage1": (stage1, tiny_qformer().train()), "stage2": (stage2, vlm)}
+
+
+def tiny_vlm_for_ddp():
+    from load_weights import gguf_tokenizer
+    from gguf import GGUFReader
+    return tiny_vlm(gguf_tokenizer(GGUFReader(offline_paths()[1])))
+
+
+def test_ddp_unequal_local_batches_give_the_global_loss(tmp_path):
+    """Two processes holding 3 and 5 samples of a batch of 8 (a skipped sample, a stream's end): the loss, and
+    the gradient DDP averages, equal one process's on all 8, for stage 1 (ITC, ITM, ITG) and stage 2."""
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_unequal_batches_worker, args=(free_port(), str(out)), nprocs=2)
+    ddp = torch.load(out)
+    import types
+    for name, (loss_fn, model) in _unequal_cases().items():
+        env = None if name == "stage1" else types.SimpleNamespace(world=1, sum=lambda x: x)  # one process
+        loss = loss_fn(model, slice(0, 8), env)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert abs(ddp[name][0] - loss.item()) < 1e-5, (name, ddp[name][0], loss.item())
+        assert torch.allclose(ddp[name][1], grads, atol=1e-6), name
+
+# ---------------------------------------------------------------------------------------------------- kill -9
+SLOW_WRITES = """if 1:  # train_qformer.py with every checkpoint file written slowly, so that a kill can land mid-file
+    import sys, time, trainer
+    original = trainer.atomic_write
+    def slow(path, write):
+        def chunked(tmp):
+            write(tmp)
+            data = open(tmp, "rb").read()
+            with open(tmp, "wb") as f:
+                for i in range(0, len(data), len(data) // 6 + 1):
+                    f.write(data[i:i + len(data) // 6 + 1])
+                    f.flush()
+                    time.sleep(0.04)
+        original(path, chunked)
+    trainer.atomic_write = slow
+    import train_qformer
+    trainer.run_cli(lambda: train_qformer.main(sys.argv[1:]))
+"""
+
+
+def check_complete(folder):
+    """Every checkpoint file under its real name reads whole."""
+    torch.load(folder / "train_state.pt", weights_only=False)
+    load_file(folder / "model.safetensors")
+    json.load(open(folder / "config.json"))
+    [json.loads(l) for l in open(folder / "metrics.jsonl")]
+
+
+def test_kill_9_at_random_moments_then_resume(tmp_path):
+    """A training process killed with SIGKILL at random moments (during steps, during checkpoint writes) and
+    resumed: it goes on from its last complete checkpoint with the losses and final weights of an uninterrupted
+    run, and no file is ever left half-written under its real name. Files that do not belong together are
+    refused."""
+    args = ["--preset", "tiny", "--max_steps", "8", "--eval_interval", "2", "--log_interval", "1"]
+    t = time.time()
+    run_script(["-c", SLOW_WRITES, *args, "--out_dir", str(tmp_path / "ref")], None, ROOT)
+    span = time.time() - t
+    losses = lambda d: {r["step"]: r["itc"] + r["itm"] + r["itg"] for r in map(json.loads, open(d / "metrics.jsonl"))
+                        if "itc" in r}
+    ref, ref_w = losses(tmp_path / "ref"), load_file(tmp_path / "ref" / "model.safetensors")
+    rng, seen = random.Random(0), []
+    for trial in range(3):
+        out = tmp_path / f"kill{trial}"
+        p = subprocess.Popen([sys.executable, "-c", SLOW_WRITES, *args, "--out_dir", str(out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if trial == 0:  # the first, as soon as a checkpoint file is being written
+            while not glob.glob(str(out / "*.tmp*")) and p.poll() is None:
+                time.sleep(0.005)
+        else:
+            time.sleep(rng.uniform(0.3, 0.9) * span)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        mid_write = bool(glob.glob(str(out / "*.tmp*")))
+        if (out / "train_state.pt").exists():
+            check_complete(out)
+        state = torch.load(out / "train_state.pt", weights_only=False)["step"] if (out / "train_state.pt").exists() \
+            else 0
+        seen.append((mid_write, state))
+        run_script(["train_qformer.py", *args, "--out_dir", str(out), "--resume"], None, ROOT)
+        check_complete(out)
+        assert not glob.glob(str(out / "*.tmp*"))
+        got = losses(out)
+        assert sorted(got) == list(range(1, 9)) and all(abs(got[s] - ref[s]) < 1e-5 for s in got), (seen, got, ref)
+        w = load_file(out / "model.safetensors")
+        assert all(torch.allclose(w[k], ref_w[k], atol=1e-6) for k in ref_w)
+    print("kill -9: (during a checkpoint write, last complete checkpoint step) per trial:", seen)
+    assert seen[0][0]  # at least one kill landed mid-write
+    # weights from one run's step, train_state.pt from another's: refused, in one line
+    shutil.copy(tmp_path / "ref" / "model.safetensors", tmp_path / "kill1" / "model.safetensors")
+    r = subprocess.run([sys.executable, "train_qformer.py", *args, "--out_dir", str(tmp_path / "kill1"), "--resume"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "do not belong together" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_itc_stays_fp32_under_bf16_autocast():
+    """Under bf16 autocast (what --dtype auto picks on a CPU with bf16 units, and on GPUs) the ITC projections,
+    features and similarities are computed in fp32."""
+    from qformer import itc_similarity
+    qf = tiny_qformer()
+    img, ids = torch.randn(3, 5, 24), torch.randint(2, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f, t = qf.image_feature(img), qf.text_feature(ids, mask)
+        s = itc_similarity(f, t)
+        h = qf.encode_image(img)
+    assert f.dtype == t.dtype == s.dtype == torch.float32
+    ref = torch.nn.functional.normalize(qf.vision_proj(h.float()), dim=-1)  # the projection, by hand, in fp32
+    assert torch.allclose(f, ref, atol=1e-6)
+    assert torch.allclose(s, torch.einsum("iqe,te->itq", f, t).max(-1).values, atol=1e-6)

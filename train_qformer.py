@@ -7,101 +7,81 @@ Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and IT
 """
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import data
-from load_weights import QFORMER_NEW, load_bert_tokenizer, load_qformer, load_vit, offline_paths
-from model import ViT, ViTConfig
+from load_weights import load_bert_tokenizer, load_qformer, load_strict, load_vit, offline_paths
 from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
-from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, run_cli, train
+from trainer import Env, TrainConfig, make_optimizer, parse_config, resume, run_cli, train, write_text
+
+
+SHAPES_VIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-vit")
 
 
 @dataclass
 class Stage1Config(TrainConfig):
-    """Stage 1: Q-Former pre-training (ITC + ITM + ITG). The shared fields are in trainer.TrainConfig."""
+    """Stage 1: Q-Former pre-training (ITC + ITM + ITG) on a frozen ViT. The shared fields are in
+    trainer.TrainConfig."""
     out_dir: str = "out/qformer"
     # models
-    vit: str = "google/vit-base-patch16-224"  # folder or HF id; "random" = a fresh ViT of the vit_* sizes below
-    vit_patch_size: int = 16
-    vit_hidden_size: int = 768
-    vit_layers: int = 12
-    vit_heads: int = 12
-    vit_stem_channels: int = 0               # random ViT: >0 = a convolutional stem (model.ConvStem)
-    vit_output_position: float = 0.0         # random ViT: >0 = sin-cos positions of this size added to its output
-    train_vit: bool = False
-    bert: str = "bert-base-uncased"           # folder or HF id; "minilm" = the pip-installed all-MiniLM-L6-v2
+    vit: str = "google/vit-base-patch16-224"  # folder or hub id (frozen; images are resized to its image_size)
+    bert: str = "bert-base-uncased"           # folder or hub id; "minilm" = the pip-installed all-MiniLM-L6-v2
     bert_layers: int = 0                      # >0: keep only the first N layers of the BERT (cheaper)
     text_pooling: str = "cls"                 # ITC text feature: cls (BLIP-2) or mean (sentence-embedding BERTs)
     num_query_tokens: int = 32
     cross_attention_freq: int = 2
     dropout: float = 0.1
     # data and objectives
-    image_size: int = 224
     max_text_len: int = 32
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
     losses: str = "itc,itm,itg"
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
-    fresh_lr_scale: float = 1.0   # lr multiplier for what a checkpoint did not initialise
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
 
 
 PRESETS = {
-    # Offline, 2 CPU cores, ~5 minutes. No pretrained ViT can be installed here, so the ViT is a small random
-    # one and it trains along with the Q-Former (README: frozen vs trained, measured). --vit_stem_channels 32 (a
-    # convolutional stem) beat it at four seeds of six, but never took off at one, nor at the default seed
-    # (EXPERIMENTS.md): off. So is --vit_output_position: it lets position into the Q-Former's outputs, but the
-    # demo's captions did not get better (EXPERIMENTS.md, linear probes).
-    # Batch 32 rather than 64: in the same 5 minutes more, smaller steps beat fewer, larger ones (README).
-    "shapes": dict(vit="random", vit_patch_size=8, vit_hidden_size=160, vit_layers=3, vit_heads=4, train_vit=True,
-                   bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1, num_query_tokens=16,
-                   losses="itc", itc_temp=0.02, data="shapes", image_size=64, batch_size=32, max_steps=260,
-                   warmup_steps=20, lr=3e-4, min_lr=3e-5, eval_interval=130, eval_samples=1000, itm_rerank_k=8,
-                   log_interval=10, num_workers=0, dropout=0.0, out_dir="out/shapes-qformer"),
+    # Offline, 2 CPU cores. The ViT is the project's own, pretrained on shapes images alone (pretrain_vit.py,
+    # shipped in assets/), frozen as the recipe freezes google/vit; its features are cached after the first epoch.
+    "shapes": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1,
+                   num_query_tokens=16, losses="itc", itc_temp=0.02, data="shapes", n_train=8192, cache_features=True,
+                   batch_size=32, max_steps=260, warmup_steps=20, lr=3e-4, min_lr=3e-5, eval_interval=130,
+                   eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0, dropout=0.0,
+                   out_dir="out/shapes-qformer"),
     # a few-second configuration for tests
-    "tiny": dict(vit="random", vit_patch_size=8, vit_hidden_size=32, vit_layers=1, vit_heads=2, bert="minilm",
-                 bert_layers=1,
-                 data="shapes", image_size=32, batch_size=8, max_steps=4, warmup_steps=1, eval_interval=2,
-                 eval_samples=32, itm_rerank_k=4, log_interval=1, num_workers=0, dropout=0.0, num_query_tokens=4,
-                 n_train=64, out_dir="out/tiny-qformer"),
+    "tiny": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=1, data="shapes", batch_size=8, max_steps=4,
+                 warmup_steps=1, eval_interval=2, eval_samples=32, itm_rerank_k=4, log_interval=1, num_workers=0,
+                 dropout=0.0, num_query_tokens=4, n_train=64, out_dir="out/tiny-qformer"),
 }
 
 
 class Stage1(nn.Module):
-    """ViT + Q-Former as one module, so DDP sees one forward."""
+    """ViT (frozen) + Q-Former as one module, so DDP sees one forward."""
 
-    def __init__(self, vit, qformer, train_vit):
+    def __init__(self, vit, qformer):
         super().__init__()
-        self.vit, self.qformer, self.train_vit = vit, qformer, train_vit
-        vit.requires_grad_(train_vit)
+        self.vit, self.qformer = vit, qformer
+        vit.requires_grad_(False)
 
     def train(self, mode=True):
         super().train(mode)
-        if not self.train_vit:
-            self.vit.eval()  # frozen means frozen: no dropout, no BatchNorm statistics updated (a conv stem)
+        self.vit.eval()  # frozen means frozen: no dropout
         return self
 
+    @torch.no_grad()
     def image_features(self, batch, cache=None):
         """ViT output for the batch, from the feature cache where it has them (and filling it where not)."""
         dev = self.qformer.query_tokens.device
-        if "pixel_values" in batch:
-            pix = batch["pixel_values"].to(dev, non_blocking=True)
-            with torch.set_grad_enabled(self.train_vit and self.training):
-                feats = self.vit(pix)
-            if cache is not None:
-                cache.put(batch["index"], feats)
-            return feats
-        imgs = batch["images"]
-        need = [i for i, x in enumerate(imgs) if x.dim() == 3]
+        imgs = list(batch["pixel_values"]) if "pixel_values" in batch else batch["images"]
+        need = [i for i, x in enumerate(imgs) if x.dim() == 3]  # pixels [3, H, W], not cached [tokens, width]
         out = [x.to(dev, torch.float32) for x in imgs]  # cached features are stored as float16
         if need:
-            with torch.no_grad():
-                feats = self.vit(torch.stack([imgs[i] for i in need]).to(dev))
+            feats = self.vit(torch.stack([imgs[i] for i in need]).to(dev, non_blocking=True))
             for j, i in enumerate(need):
                 out[i] = feats[j].float()
             if cache is not None:
@@ -119,16 +99,7 @@ class Stage1(nn.Module):
 
 
 def build_models(cfg):
-    if cfg.vit == "random":
-        vit = ViT(ViTConfig(image_size=cfg.image_size, patch_size=cfg.vit_patch_size, hidden_size=cfg.vit_hidden_size,
-                            num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
-                            intermediate_size=4 * cfg.vit_hidden_size, stem_channels=cfg.vit_stem_channels,
-                            output_position=cfg.vit_output_position))
-    else:
-        if cfg.vit_stem_channels or cfg.vit_output_position:
-            raise ValueError("--vit_stem_channels and --vit_output_position change a random ViT; a pretrained ViT "
-                             "is used as it is")
-        vit = load_vit(cfg.vit)
+    vit = load_vit(cfg.vit)
     bert = offline_paths()[0] if cfg.bert == "minilm" else cfg.bert
     qformer = load_qformer(bert, vit.config.hidden_size, cfg.num_query_tokens, cfg.cross_attention_freq,
                            cfg.bert_layers, hidden_dropout_prob=cfg.dropout, text_pooling=cfg.text_pooling)
@@ -142,12 +113,18 @@ def build_dataset(cfg, split, image_size, env=None):
     if src == "shapes":
         n = cfg.n_train if split == "train" else cfg.eval_samples
         return data.ShapesDataset(split, n, image_size), True
-    if src == "cc3m":
-        src = data.download_cc3m(cfg.data_dir, cfg.n_pairs) if env is None or env.is_main else None
-        if env is not None and env.world > 1:
-            torch.distributed.barrier()
-            src = data.download_cc3m(cfg.data_dir, cfg.n_pairs)
-    if isinstance(src, list) or src.endswith(".tar") or "*" in src or "," in src:
+    if src in data.HUB_DATASETS or src.startswith("hub:"):  # WebDataset shards from the hub, into its cache
+        repo = data.HUB_DATASETS.get(src, src[4:])
+        if split == "train":
+            return data.WebDataset(data.hub_shards(repo, "train", cfg.n_pairs), image_size, rank, world,
+                                   max_samples=cfg.n_pairs or None), False
+        val = data.hub_shards(repo, "validation", cfg.eval_samples)
+        if val:
+            return data.WebDataset(val, image_size, max_samples=cfg.eval_samples), False
+        # no validation split (cc12m): the pairs right after the training ones
+        n = cfg.n_pairs + cfg.eval_samples
+        return data.WebDataset(data.hub_shards(repo, "train", n), image_size, skip=cfg.n_pairs, max_samples=n), False
+    if src.endswith(".tar") or "*" in src or "," in src:
         shards = data.expand_shards(src)
         if split == "val" and not cfg.val_data:  # hold out the last shard (or the first eval_samples of one)
             return data.WebDataset(shards[-1:], image_size, max_samples=cfg.eval_samples), False
@@ -187,7 +164,7 @@ def eval_batches(cfg, ds, collate):
 
 
 def recall_at(sim, correct, ks=(1, 5, 10)):
-    top = sim.topk(max(ks), dim=1).indices
+    top = sim.topk(min(max(ks), sim.size(1)), dim=1).indices  # a small evaluation set: R@10 of 8 is R@8
     hits = correct.gather(1, top)
     return {k: hits[:, :k].any(1).float().mean().item() for k in ks}
 
@@ -248,7 +225,7 @@ def evaluate(cfg, model, ds, collate, env):
         keep = ~correct[torch.arange(n, device=sim.device), neg]
         pos_s, neg_s = itm_score(torch.arange(n), torch.arange(n)), itm_score(torch.arange(n), neg)
         m["itm_acc"] = torch.cat([(pos_s > 0.5).float(), (neg_s[keep] <= 0.5).float()]).mean().item()
-        k = cfg.itm_rerank_k
+        k = min(cfg.itm_rerank_k, n)
         for name, s, corr in (("i2t", sim, correct), ("t2i", sim.t(), correct.t())):
             top = s.topk(k, dim=1).indices  # re-rank ITC's top-k by ITM, the rest keep ITC's order
             rows = torch.arange(n).repeat_interleave(k)
@@ -268,10 +245,10 @@ def evaluate(cfg, model, ds, collate, env):
 
 
 def stage1_config_json(cfg, vit, qformer, bert_src):
+    src = lambda s: os.path.abspath(s) if os.path.isdir(s) else s
     return {"stage": 1, "train_config": asdict(cfg), "vit_config": asdict(vit.config),
-            "qformer_config": asdict(qformer.config), "bert": os.path.abspath(bert_src) if os.path.isdir(bert_src)
-            else bert_src, "vit": cfg.vit, "vit_weights_saved": cfg.vit == "random" or cfg.train_vit,
-            "image_size": cfg.image_size}
+            "qformer_config": asdict(qformer.config), "bert": src(bert_src), "vit": src(cfg.vit),
+            "image_size": vit.config.image_size}
 
 
 def load_stage1(folder, weights="best.safetensors"):
@@ -285,17 +262,12 @@ def load_stage1(folder, weights="best.safetensors"):
 
 
 def build_stage1(meta, path):
-    """ViT and Q-Former as a stage-1 config.json describes them, weights from `path` (keys qformer.*, vit.*)."""
-    from safetensors.torch import load_file
-    from load_weights import load_strict
+    """The frozen ViT (from its source) and the Q-Former as a stage-1 config.json describes them, the Q-Former's
+    weights from `path` (keys qformer.*)."""
     sd = load_file(path)
-    part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    qformer = load_strict(QFormer(QFormerConfig(**meta["qformer_config"])), part("qformer."), path)
-    if meta["vit_weights_saved"]:
-        vit = load_strict(ViT(ViTConfig(**meta["vit_config"])), part("vit."), path)
-    else:
-        vit = load_vit(meta["vit"])
-    return vit, qformer
+    qformer = load_strict(QFormer(QFormerConfig(**meta["qformer_config"])),
+                          {k[len("qformer."):]: v for k, v in sd.items() if k.startswith("qformer.")}, path)
+    return load_vit(meta["vit"]), qformer
 
 
 def main(argv=None):
@@ -306,37 +278,33 @@ def main(argv=None):
     vit, qformer, tok, bert_src = build_models(cfg)
     with torch.no_grad():
         qformer.temp.fill_(cfg.itc_temp)
-    model = Stage1(vit, qformer, cfg.train_vit).to(env.device)
-    env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M ({'trained' if cfg.train_vit else 'frozen'}),"
-              f" Q-Former {sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, "
-              f"device {env.device} {env.dtype}, {env.world} process(es)")
-    # parameters that start from scratch (a random ViT, cross-attention, queries, heads) may learn faster than
-    # the pretrained BERT ones
-    fresh = {p: cfg.fresh_lr_scale for n, p in model.named_parameters()
-             if (n.startswith("vit.") and cfg.vit == "random") or any(re.fullmatch(pat, n[len("qformer."):])
-                                                                     for pat in QFORMER_NEW)}
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay,
-                               env.device, fresh)
-    start, best = 0, None
-    if cfg.resume:
-        sd, start, extra = load_checkpoint(cfg.out_dir, optimizer)
-        model.load_state_dict(sd, strict=not (cfg.vit != "random" and not cfg.train_vit))
-        best = extra.get("best")
-        env.print(f"resumed from {cfg.out_dir} at step {start}")
+    model = Stage1(vit, qformer).to(env.device)
+    env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M (frozen), Q-Former "
+              f"{sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, device {env.device} "
+              f"{env.dtype}, {env.world} process(es)")
+    optimizer = make_optimizer(qformer.parameters(), cfg.lr, cfg.weight_decay, env.device)
+    sd, start, extra = resume(cfg, env, optimizer)
+    if sd is not None:
+        qformer.load_state_dict({k[len("qformer."):]: v for k, v in sd.items()})
     meta = stage1_config_json(cfg, vit, qformer, bert_src)
     if env.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(meta, indent=2))
     collate = data.Collate(tok, cfg.max_text_len)
-    train_ds, map_style = build_dataset(cfg, "train", cfg.image_size, env)
-    val_ds, _ = build_dataset(cfg, "val", cfg.image_size, env)
+    train_ds, map_style = build_dataset(cfg, "train", vit.config.image_size, env)
+    val_ds, _ = build_dataset(cfg, "val", vit.config.image_size, env)
     cache = None
     if cfg.cache_features:
-        assert map_style and not cfg.train_vit, "--cache_features needs a map-style dataset and a frozen ViT"
-        n_tok = (cfg.image_size // vit.config.patch_size) ** 2 + 1
-        cache = train_ds = data.FeatureCache(train_ds, os.path.join(cfg.out_dir, "vit_cache"), n_tok,
-                                             vit.config.hidden_size)
+        assert map_style, "--cache_features needs a map-style dataset (a folder or shapes, not streamed shards)"
+        n_tok = (vit.config.image_size // vit.config.patch_size) ** 2 + 1
+        path = os.path.join(cfg.out_dir, "vit_cache")
+        for rank_first in (True, False):  # process 0 makes the files (afresh unless resuming), then the others open them
+            if env.is_main == rank_first:
+                cache = data.FeatureCache(train_ds, path, n_tok, vit.config.hidden_size,
+                                          fresh=env.is_main and not cfg.resume)
+            if env.world > 1:
+                torch.distributed.barrier()
+        train_ds = cache
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
     fwd = torch.compile(model) if cfg.compile else model
 
@@ -348,12 +316,11 @@ def main(argv=None):
     step_fn.micro = start * cfg.grad_accum
 
     def state_fn():
-        sd = model.state_dict()
-        return {k: v for k, v in sd.items() if k.startswith("qformer.") or meta["vit_weights_saved"]}
+        return {f"qformer.{k}": v for k, v in qformer.state_dict().items()}
 
     t0 = time.time()
     metrics, skipped = train(cfg, env, model, optimizer, batches, step_fn,
-                             lambda: evaluate(cfg, model, val_ds, collate, env), state_fn, start, best)
+                             lambda: evaluate(cfg, model, val_ds, collate, env), state_fn, start, extra)
     env.print(f"done in {(time.time() - t0) / 60:.1f} min; weights in {cfg.out_dir} (best.safetensors = best "
               f"val R@1)")
     if env.world > 1:

@@ -14,12 +14,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import data
 import lora
-from load_weights import load_llm, offline_paths
+from load_weights import load_llm, load_strict, offline_paths
 from metrics import bleu4, cider_d, shape_attribute_accuracy
-from trainer import Env, TrainConfig, load_checkpoint, make_optimizer, parse_config, run_cli, save_weights, train
+from trainer import (CheckpointError, Env, TrainConfig, make_optimizer, parse_config, resume, run_cli,
+                     save_weights, train, write_text)
 from train_qformer import build_dataset, build_stage1, load_stage1, train_batches
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -92,7 +95,7 @@ class VLM(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.vit.eval()  # the ViT is frozen in stage 2: no BatchNorm statistics updated (a conv stem), no dropout
+        self.vit.eval()  # the ViT is frozen: no dropout
         return self
 
     def image_embeds(self, pixel_values):
@@ -106,8 +109,9 @@ class VLM(nn.Module):
         x = self.llm.model.embed_tokens(input_ids)
         return x.masked_scatter(image_mask[..., None], img.to(x.dtype))
 
-    def forward(self, batch):
-        """Mean cross-entropy over caption tokens (and their closing <|im_end|>)."""
+    def forward(self, batch, reduction="mean"):
+        """Cross-entropy over caption tokens (and their closing <|im_end|>): their mean, or with
+        reduction="sum" (sum, number of tokens) for a mean over several processes' batches."""
         dev = self.projector[0].weight.device
         ids, targets = batch["lm_ids"].to(dev), batch["targets"].to(dev)
         pix = batch["pixel_values"].to(dev)
@@ -117,6 +121,8 @@ class VLM(nn.Module):
         where = targets != -100
         # the LM head only where there are labels: the 49152-wide logits elsewhere would be wasted work
         logits = self.llm.lm_head(h[where])
+        if reduction == "sum":
+            return F.cross_entropy(logits.float(), targets[where], reduction="sum"), where.sum()
         return F.cross_entropy(logits.float(), targets[where])
 
     @torch.no_grad()
@@ -198,6 +204,12 @@ class Stage2Collate:
         batch["index"] = torch.tensor([s[3] for s in good])
         return batch
 
+def caption_loss(model, batch, env):
+    """The token-mean over the global batch (processes' local batches differ in tokens, and may in samples),
+    scaled so that DDP's average over processes is exactly that."""
+    total, n = model(batch, "sum")
+    return total * env.world / env.sum(n).clamp_min(1)
+
 # -----------------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -213,8 +225,7 @@ def base_answers(model, questions, path, max_new_tokens=24):
     for q, row in zip(questions, out.tolist()):
         answers.append((q, row[:row.index(EOS_ID) + 1] if EOS_ID in row else row))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(answers, f)
+    write_text(path, json.dumps(answers))
     return answers
 
 
@@ -225,16 +236,21 @@ def retention_probe(model, max_new_tokens=32):
 
 @torch.no_grad()
 def evaluate(cfg, model, val_ds, env, shapes):
-    n = min(cfg.eval_samples, len(val_ds))
-    hyps, refs, idx = [], [], []
-    for s in range(0, n, 32):
-        items = [val_ds[i] for i in range(s, min(n, s + 32))]
-        items = [it for it in items if it is not None]
+    """Greedy captions of the first eval_samples readable held-out images (map-style or streamed), scored by
+    BLEU-4 / CIDEr-D, and on shapes data by attribute accuracy."""
+    hyps, refs, idx, left = [], [], [], cfg.eval_samples
+    for items in torch.utils.data.DataLoader(val_ds, batch_size=32, collate_fn=lambda xs: xs):
+        items = [it for it in items if it is not None][:left]
+        if not items:
+            continue
         with env.autocast():
             hyps += model.generate(torch.stack([it[0] for it in items]), max_new_tokens=cfg.max_new_tokens)
         for it in items:
             refs.append(data.reference_captions(data.SPLIT_SEEDS["val"], it[3]) if shapes else [it[1]])
             idx.append(it[3])
+        left -= len(items)
+        if left == 0:
+            break
     m = {"n_eval": len(hyps), "bleu4": bleu4(hyps, refs), "cider_d": cider_d(hyps, refs)}
     if shapes:
         m.update(shape_attribute_accuracy(hyps, [data.shape_scene(data.SPLIT_SEEDS["val"], i) for i in idx]))
@@ -242,33 +258,42 @@ def evaluate(cfg, model, val_ds, env, shapes):
     evaluate.last_captions = list(zip(hyps, [r[0] for r in refs]))
     return m
 
+
 # -----------------------------------------------------------------------------------------------------------
 # saving: a folder sample.py rebuilds the whole model from
 
 
-def export(cfg, model, meta, llm_src, out_dir):
+EXPORT_FILES = ("adapter/adapter_model.safetensors", "projector.safetensors", "qformer.safetensors")
+
+
+def export(cfg, model, meta, llm_src, out_dir, stamp):
+    """Write what sample.py needs; stamp ({"run", "step"}) goes into every weights file, so that load_vlm can
+    tell a folder whose files come from different runs or steps."""
     os.makedirs(out_dir, exist_ok=True)
-    lora.save_adapter(model.llm, os.path.join(out_dir, "adapter"), base_model_name_or_path=llm_src)
-    save_weights(os.path.join(out_dir, "projector.safetensors"), model.projector.state_dict())
-    save_weights(os.path.join(out_dir, "qformer.safetensors"), {
-        **{f"qformer.{k}": v for k, v in model.qformer.state_dict().items()},
-        **({f"vit.{k}": v for k, v in model.vit.state_dict().items()} if meta["vit_weights_saved"] else {})})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"stage": 2, "train_config": asdict(cfg), "llm": llm_src, "stage1": meta,
-                   "image_size": meta["image_size"], "data_preset": cfg.preset or cfg.data,
-                   "num_query_tokens": model.qformer.config.num_query_tokens}, f, indent=2)
+    lora.save_adapter(model.llm, os.path.join(out_dir, "adapter"), base_model_name_or_path=llm_src, metadata=stamp)
+    save_weights(os.path.join(out_dir, "projector.safetensors"), model.projector.state_dict(), stamp)
+    save_weights(os.path.join(out_dir, "qformer.safetensors"),
+                 {f"qformer.{k}": v for k, v in model.qformer.state_dict().items()}, stamp)
+    config = {"stage": 2, "train_config": asdict(cfg), "llm": llm_src, "stage1": meta, **stamp,
+              "image_size": meta["image_size"], "data_preset": cfg.preset or cfg.data,
+              "num_query_tokens": model.qformer.config.num_query_tokens}
+    write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
     if cfg.merge:
         lora.merge_lora(model.llm)
         save_weights(os.path.join(out_dir, "merged_lm.safetensors"),
-                     {k: v for k, v in model.llm.state_dict().items() if "lora_" not in k})
+                     {k: v for k, v in model.llm.state_dict().items() if "lora_" not in k}, stamp)
         lora.unmerge_lora(model.llm)
 
 
 def load_vlm(folder, device="cpu"):
     """Rebuild the stage-2 model from an output folder (config.json + adapter/ + projector + qformer)."""
-    from load_weights import load_strict
-    from safetensors.torch import load_file
     meta = json.load(open(os.path.join(folder, "config.json")))
+    for name in EXPORT_FILES:  # all written by one export (the same run and step), else refuse
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            got = {k: (f.metadata() or {}).get(k) for k in ("run", "step")}
+        if got != {"run": meta.get("run"), "step": meta.get("step")}:
+            raise CheckpointError(f"{folder}: {name} (run {got['run']}, step {got['step']}) does not belong with "
+                                  f"config.json (run {meta.get('run')}, step {meta.get('step')}); export again")
     llm_src = offline_paths()[1] if meta["llm"] == "gguf" else meta["llm"]
     llm, tok = load_llm(llm_src)
     lora.load_adapter(llm, os.path.join(folder, "adapter"))
@@ -306,13 +331,11 @@ def main(argv=None):
                                env.device, scale)
     trainable = lambda: {k: v for k, v in model.state_dict().items()
                          if k.startswith(("projector.", "qformer.")) or "lora_" in k}
-    start, best = 0, None
-    if cfg.resume:
-        sd, start, extra = load_checkpoint(cfg.out_dir, optimizer)
+    sd, start, extra = resume(cfg, env, optimizer)
+    if sd is not None:
         missing = set(trainable()) - set(sd)
         assert not missing, f"checkpoint lacks {sorted(missing)[:5]}"
         model.load_state_dict(sd, strict=False)
-        best = extra.get("best")
     train_ds, map_style = build_dataset(cfg, "train", meta["image_size"], env)
     val_ds, _ = build_dataset(cfg, "val", meta["image_size"], env)
     collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed, replay,
@@ -322,16 +345,17 @@ def main(argv=None):
     model.train()
 
     def step_fn(batch, ddp_model):
-        loss = (ddp_model if env.world > 1 else fwd)(batch)
+        loss = caption_loss(ddp_model if env.world > 1 else fwd, batch, env)
         return loss, {"caption": loss.detach()}
 
     shapes = cfg.data == "shapes"
     metrics, _ = train(cfg, env, model, optimizer, batches, step_fn,
-                       lambda: evaluate(cfg, model, val_ds, env, shapes), trainable, start, best)
+                       lambda: evaluate(cfg, model, val_ds, env, shapes), trainable, start, extra)
     if env.is_main:
         model.eval()
         export(cfg, model, meta, "gguf" if cfg.llm == "gguf" else
-               os.path.abspath(llm_src) if os.path.exists(llm_src) else llm_src, cfg.out_dir)
+               os.path.abspath(llm_src) if os.path.exists(llm_src) else llm_src, cfg.out_dir,
+               {"run": extra["run"], "step": str(min(cfg.max_steps, cfg.halt_at or cfg.max_steps))})
         with env.autocast():
             after = retention_probe(model)
             with lora.lora_disabled(model.llm):

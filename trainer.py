@@ -5,18 +5,22 @@ checkpoints with full optimizer/RNG state for exact resume, and plain logs (one 
 """
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
 import random
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+import torch.distributed.nn  # all_gather with gradients (contrastive losses under DDP)
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------------------------------------
 # config: every dataclass field is a --flag; a preset changes the defaults, explicit flags still win
@@ -29,9 +33,9 @@ class TrainConfig:
     out_dir: str = "out/run"
     resume: bool = False
     # data
-    data: str = "cc3m"          # cc3m (downloaded), shapes, 'dir/*.tar' shards, or a folder with captions.jsonl
-    data_dir: str = "data/cc3m"
-    n_pairs: int = 50_000       # cc3m: how many pairs to fetch
+    data: str = "cc3m"          # cc3m / cc12m / hub:org/name (WebDataset shards from the hub), shapes,
+                                # 'dir/*.tar' shards, or a folder with captions.jsonl
+    n_pairs: int = 50_000       # hub data: how many training pairs to fetch and use (0: all)
     n_train: int = 200_000      # shapes: size of the training set (an epoch)
     val_data: str = ""          # default: held out from --data
     num_workers: int = 4
@@ -105,24 +109,48 @@ class Env:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def gather(self, x):
-        """Concatenate x from every process along dim 0, keeping gradients (for contrastive losses)."""
+    def sizes(self, n):
+        """Every process's local batch size: they differ when a process skipped an unreadable sample or its
+        stream ran out first."""
         if self.world == 1:
-            return x
-        return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()), dim=0)
+            return [n]
+        t = torch.tensor([n], device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return [int(x) for x in out]
 
-    def gather_nograd(self, x):
-        """All processes' x, concatenated along dim 0 (no gradient). Dim 1 may differ between processes (text
-        lengths): it is zero-padded to the longest first."""
+    def gather(self, x, sizes=None):
+        """Concatenate x from every process along dim 0, keeping gradients (for contrastive losses). The local
+        batches may differ in size (see sizes): each is padded to the largest for the collective, then trimmed."""
         if self.world == 1:
             return x
+        sizes = sizes or self.sizes(x.size(0))
+        padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.size(0)))
+        parts = torch.distributed.nn.functional.all_gather(padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+    def gather_nograd(self, x, sizes=None):
+        """All processes' x, concatenated along dim 0 (no gradient). Dim 0 may differ between processes (see
+        sizes), and so may dim 1 (text lengths): both are zero-padded to the largest first."""
+        if self.world == 1:
+            return x
+        sizes = sizes or self.sizes(x.size(0))
         if x.dim() > 1:
             n = torch.tensor([x.size(1)], device=x.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, int(n) - x.size(1)))
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.size(0)))
         out = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(out, x.contiguous())
-        return torch.cat(out, dim=0)
+        return torch.cat([p[:n] for p, n in zip(out, sizes)], dim=0)
+
+    def gather_object(self, obj):
+        """[obj of process 0, obj of process 1, ...] (any picklable object)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def sum(self, x):
         if self.world > 1:
@@ -184,13 +212,28 @@ def make_optimizer(params, lr, weight_decay, device, lr_scale=None):
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.98), fused=fused)
 
 # -----------------------------------------------------------------------------------------------------------
-# checkpoints: weights as safetensors, everything else needed to continue exactly in train_state.pt
+# checkpoints: train_state.pt holds all a resume needs (weights, optimizer, step, every process's RNG) in one
+# file that is replaced atomically, so a run killed at any moment resumes from its last complete checkpoint;
+# model.safetensors (the same weights, for users and the next stage) follows, stamped with the step and run id
+
+
+class CheckpointError(Exception):
+    pass
 
 
 def atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before it takes the name: a crash never publishes a short file
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def save_weights(path, state_dict, metadata=None):
@@ -198,25 +241,51 @@ def save_weights(path, state_dict, metadata=None):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_checkpoint(out_dir, weights, optimizer, step, extra):
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out_dir, weights, optimizer, step, extra, rng):
+    """extra: {"run": id, "best": score, ...}; rng: one rng_state() per process."""
     os.makedirs(out_dir, exist_ok=True)
-    save_weights(os.path.join(out_dir, "model.safetensors"), weights)
-    state = {"optimizer": optimizer.state_dict(), "step": step, "extra": extra,
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    state = {"model": weights, "optimizer": optimizer.state_dict(), "step": step, "extra": extra, "rng": rng}
     atomic_write(os.path.join(out_dir, "train_state.pt"), lambda tmp: torch.save(state, tmp))
+    save_weights(os.path.join(out_dir, "model.safetensors"), weights, {"step": str(step), "run": extra["run"]})
 
 
-def load_checkpoint(out_dir, optimizer):
-    """-> (weights dict, step, extra); restores optimizer and RNG state in place."""
-    state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=False)
+def load_checkpoint(out_dir, optimizer, rank=0):
+    """-> (weights dict, step, extra), or None when out_dir has no checkpoint; restores the optimizer and this
+    process's RNG state in place. Refuses a folder whose files do not belong together."""
+    path, weights_path = os.path.join(out_dir, "train_state.pt"), os.path.join(out_dir, "model.safetensors")
+    for stale in glob.glob(os.path.join(out_dir, "*.tmp[0-9]*")):  # from a write that was killed
+        os.remove(stale)
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=False)
+    step, extra = state["step"], state["extra"]
+    if "model" not in state or "run" not in extra:
+        raise CheckpointError(f"{path} was written by an older version of this code; it cannot be resumed")
+    if os.path.exists(weights_path):
+        with safe_open(weights_path, "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("run") != extra["run"] or int(meta.get("step", -1)) > step:
+            raise CheckpointError(
+                f"{out_dir}: model.safetensors (run {meta.get('run')}, step {meta.get('step')}) and train_state.pt "
+                f"(run {extra['run']}, step {step}) do not belong together: copied from another run or step? Resume "
+                "from a folder this code wrote, or start afresh without --resume")
+    if not os.path.exists(weights_path) or int(meta["step"]) < step:  # a save stopped between its two files
+        save_weights(weights_path, state["model"], {"step": str(step), "run": extra["run"]})
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return load_file(os.path.join(out_dir, "model.safetensors")), state["step"], state["extra"]
+    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["model"], step, extra
+
 
 # -----------------------------------------------------------------------------------------------------------
 # the loop
@@ -232,13 +301,33 @@ def log_metrics(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, start_step=0, best=None,
-          best_key="score"):
+def resume(cfg, env, optimizer):
+    """(weights or None, start step, extra) for a run: with --resume, from the checkpoint in out_dir (the
+    optimizer and RNG restored, metrics.jsonl cut back to that step); otherwise, or before the first checkpoint
+    of a run that was stopped early, a fresh start."""
+    ckpt = load_checkpoint(cfg.out_dir, optimizer, env.rank) if cfg.resume else None
+    if ckpt is None:
+        if cfg.resume:
+            env.print(f"--resume: no checkpoint in {cfg.out_dir} yet; starting at step 0")
+        run = env.gather_object(uuid.uuid4().hex)[0]  # stamps this run's files, kept across resumes
+        return None, 0, {"run": run}
+    weights, step, extra = ckpt
+    env.print(f"resumed from {cfg.out_dir} at step {step}")
+    log = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if env.is_main and os.path.exists(log):  # the lines a stopped run logged after its last checkpoint go
+        write_text(log, "".join(l for l in open(log) if json.loads(l)["step"] <= step))
+    return weights, step, extra
+
+
+def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, start_step, extra, best_key="score"):
     """Run optimizer steps start_step..cfg.max_steps.
     batches: iterator of micro-batches (already positioned for start_step); step_fn(batch) -> (loss, {name: value})
-    under autocast; evaluate() -> {metric: value}; state_fn() -> the weights to checkpoint.
+    under autocast; evaluate() -> {metric: value}; state_fn() -> the weights to checkpoint; start_step and extra
+    ({"run": id, "best": score}): what resume() returned.
     Writes out_dir/{model.safetensors, train_state.pt, metrics.jsonl, best.safetensors}.
     Returns (the last eval metrics, how many unreadable samples were skipped)."""
+    extra = dict(extra)
+    best = extra.get("best")
     ddp_model = model
     if env.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -254,13 +343,13 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             skipped += batch.get("skipped", 0)
-            if "captions" not in batch:
+            if "index" not in batch:
                 continue  # a batch of nothing but unreadable samples
             sync = micro == cfg.grad_accum - 1 or env.world == 1
             with (nullcontext() if sync else ddp_model.no_sync()), env.autocast():
                 loss, parts = step_fn(batch, ddp_model)
             (loss / cfg.grad_accum).backward()
-            seen += len(batch["captions"])
+            seen += len(batch["index"])
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         loss_value = env.sum(sum(v.double() for v in parts.values()) if parts else torch.zeros((), dtype=torch.float64))
@@ -291,7 +380,7 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
             model.eval()
             metrics = evaluate() if env.is_main else {}
             model.train()
-            extra = {"best": best}
+            rng = env.gather_object(rng_state())
             if env.is_main:
                 score = metrics.get(best_key)
                 env.print(f"eval step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -299,8 +388,9 @@ def train(cfg, env, model, optimizer, batches, step_fn, evaluate, state_fn, star
                 weights = state_fn()
                 if score is not None and (best is None or score > best):
                     best = extra["best"] = score
-                    save_weights(os.path.join(cfg.out_dir, "best.safetensors"), weights)
-                save_checkpoint(cfg.out_dir, weights, optimizer, step, extra)
+                    save_weights(os.path.join(cfg.out_dir, "best.safetensors"), weights,
+                                 {"step": str(step), "run": extra["run"]})
+                save_checkpoint(cfg.out_dir, weights, optimizer, step, extra, rng)
             if env.world > 1:
                 dist.barrier()
             last = metrics
@@ -314,6 +404,6 @@ def run_cli(main, *more_errors):
     one line on stderr and exit code 1 instead of a traceback."""
     try:
         main()
-    except (FileNotFoundError, ConnectionError, FloatingPointError, *more_errors) as e:
+    except (FileNotFoundError, ConnectionError, FloatingPointError, CheckpointError, *more_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
