@@ -324,8 +324,9 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class FeatureCache(torch.utils.data.Dataset):
-    """Wraps a map-style dataset: once the frozen ViT's output for index i is stored (float16 memmap on disk),
-    item i is served from it instead of decoding and encoding the image again."""
+    """Wraps a map-style dataset: once a frozen encoder's output for index i is stored (float16 memmap on disk:
+    the ViT's tokens in stage 1, the frozen Q-Former's queries in stage 2), item i is served from it instead of
+    decoding and encoding the image again."""
 
     def __init__(self, dataset, path, tokens, width, fresh=True):
         self.ds, n = dataset, len(dataset)

@@ -467,6 +467,7 @@ import data
 import metrics
 import probe
 import train_qformer
+import trainer
 from qformer import hard_negatives, stage1_losses
 
 
@@ -672,15 +673,16 @@ def test_stage2_labels_only_caption_and_eos(smol_tok):
         assert torch.equal(ids[pos + 1], tgt[pos])
     short = b["targets"][0]
     assert (short == 2).sum() == 1 and (b["lm_ids"][0] == 2).sum() > 3  # padded with 2; one EOS label survives
-    # the 4 image placeholders sit inside the user turn, right after the question, before <|im_end|>
+    # the 4 image placeholders open the user turn; the question follows them, then the assistant header
     for row in range(2):
         ids, img = b["lm_ids"][row].tolist(), b["image_mask"][row]
         first = img.nonzero().flatten()
         assert len(first) == 4 and (first.diff() == 1).all()
         before = smol_tok.decode(ids[:first[0]], skip_special_tokens=False)
-        after = smol_tok.decode(ids[first[-1] + 1:first[-1] + 8], skip_special_tokens=False)
-        assert "<|im_start|>user\n" in before and before.rstrip().endswith(("?", "."))
-        assert after.startswith("<|im_end|>\n<|im_start|>assistant")
+        after = smol_tok.decode(ids[first[-1] + 1:], skip_special_tokens=False)
+        assert before == "<|im_start|>user\n"
+        question, rest = after[1:].split("<|im_end|>", 1)
+        assert question in train_vlm.USER_PROMPTS and rest.startswith("\n<|im_start|>assistant\n")
 
 
 def tiny_vlm(smol_tok):
@@ -715,6 +717,32 @@ def test_stage2_image_embeddings_land_in_place_and_loss(smol_tok):
     assert out_b == out_1
 
 
+def test_stage2_cached_queries_and_projector_warm_up(tmp_path, smol_tok):
+    """With the Q-Former frozen, its cached outputs give the LM the image tokens the pixels give (to fp16), and
+    the projector warm-up lowers the word loss on the images it trained on."""
+    m = tiny_vlm(smol_tok)
+    cache = data.FeatureCache(data.ShapesDataset("train", 12, 16), str(tmp_path / "q"),
+                              m.qformer.config.num_query_tokens, m.qformer.config.hidden_size)
+    env = trainer.Env("cpu", "float32")
+    train_vlm.fill_cache(m, cache, env, batch_size=5)
+    assert cache.filled.all()
+    pixels = torch.stack([cache.ds[i][0] for i in range(12)])
+    feats = torch.stack([cache[i][0] for i in range(12)])
+    assert feats.shape == (12, 4, m.qformer.config.hidden_size)
+    torch.testing.assert_close(m.image_embeds(feats), m.image_embeds(pixels), atol=2e-2, rtol=2e-2)
+    caps = [smol_tok.encode(cache[i][1]).ids for i in range(12)]
+    extra = torch.arange(500)
+    with torch.no_grad():
+        before = train_vlm.word_loss(m, feats, caps, extra).item()
+    cfg = train_vlm.Stage2Config(warmup_projector=60, warmup_projector_batch=12, warmup_projector_lr=1e-2)
+    lm_before = {k: v.clone() for k, v in m.llm.state_dict().items()}
+    train_vlm.warm_up_projector(m, cache, cfg, env, vocab_sample=500)
+    with torch.no_grad():
+        after = train_vlm.word_loss(m, feats, caps, extra).item()
+    assert after < 0.8 * before, (before, after)
+    assert all(torch.equal(v, m.llm.state_dict()[k]) for k, v in lm_before.items())  # only the projector moved
+
+
 def test_stage2_replay_rows_are_text_only_chat(smol_tok):
     """A replayed sample is the exact text-only chat template with the base model's answer as its label; the
     image rows keep their placeholders and only their pixels are encoded, in row order."""
@@ -727,7 +755,7 @@ def test_stage2_replay_rows_are_text_only_chat(smol_tok):
     is_img = b["image_mask"].any(1)
     assert 0 < int(is_img.sum()) < 12 and len(b["pixel_values"]) == int(is_img.sum())
     row = int((~is_img).nonzero()[0])
-    prompt, _ = train_vlm.prompt_ids(smol_tok, train_vlm.DEFAULT_SYSTEM, "What is 2 + 2?", 0)
+    prompt, _ = train_vlm.prompt_ids(smol_tok, "What is 2 + 2?", 0)
     assert b["lm_ids"][row, :len(prompt)].tolist() == prompt
     tgt = b["targets"][row]
     assert tgt[tgt != -100].tolist() == answer
@@ -822,6 +850,11 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
         assert (out / f).exists(), f
     cfg = json.load(open(out / "config.json"))
     assert cfg["image_size"] == 64 and cfg["data_preset"] == "tiny" and cfg["num_query_tokens"] == 4
+    # the shapes preset's path: frozen Q-Former, its outputs cached once, projector warmed up before the LM
+    m = train_vlm.main(["--preset", "tiny", "--qformer", str(tmp_path / "s1"), "--llm", str(lm_dir),
+                        "--out_dir", str(tmp_path / "s2c"), "--max_new_tokens", "3", "--freeze_qformer",
+                        "--cache_features", "--warmup_projector", "2", "--warmup_projector_batch", "4"])
+    assert np.load(tmp_path / "s2c/qformer_cache.filled", mmap_mode="r").all() and np.isfinite(m["bleu4"])
     imgs = []
     for i in range(2):
         data.make_shape_example(2, i, 40)[0].save(tmp_path / f"{i}.png")
@@ -843,7 +876,7 @@ def test_stage1_feature_cache_in_training(tmp_path):
 
 
 def test_text_only_prompt_is_the_chat_template(smol_tok):
-    ids, img = train_vlm.prompt_ids(smol_tok, train_vlm.DEFAULT_SYSTEM, "What is the capital of France?", 0)
+    ids, img = train_vlm.prompt_ids(smol_tok, "What is the capital of France?", 0)
     assert not any(img) and ids == chat(smol_tok, "What is the capital of France?")
 
 # ---------------------------------------------------------------------------------------------------- speed
@@ -1315,7 +1348,6 @@ def _unequal_batches_worker(rank, port, out):
     """One of two gloo processes holding 3 and 5 of the same 8 samples."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    import trainer
     env = trainer.Env("cpu", "float32")
     torch.distributed.barrier()
     rows = slice(0, 3) if rank == 0 else slice(3, 8)
@@ -1467,3 +1499,25 @@ def test_itc_stays_fp32_under_bf16_autocast():
     ref = torch.nn.functional.normalize(qf.vision_proj(h.float()), dim=-1)  # the projection, by hand, in fp32
     assert torch.allclose(f, ref, atol=1e-6)
     assert torch.allclose(s, torch.einsum("iqe,te->itq", f, t).max(-1).values, atol=1e-6)
+
+
+def test_hub_environment_conventions(hub, tmp_path):
+    """What users already have set up works: the cache under $XDG_CACHE_HOME when nothing more specific is set,
+    the token from `hf auth login`'s file, TRANSFORMERS_OFFLINE; a new commit on main fetches only what changed."""
+    load = ["-c", "import sys, load_weights; print(load_weights.load_vit(sys.argv[1]).config.hidden_size)",
+            "google/vit-base-patch16-224"]
+    env = {k: v for k, v in hub_env(hub, tmp_path).items() if k not in ("HF_HOME", "HF_HUB_CACHE", "HF_TOKEN")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path / "home"))
+    os.makedirs(tmp_path / "xdg" / "huggingface")
+    (tmp_path / "xdg" / "huggingface" / "token").write_text("hf_token_from_login")
+    assert run_script(load, env, ROOT).stdout.strip() == "32"
+    repo_dir = tmp_path / "xdg" / "huggingface" / "hub" / "models--google--vit-base-patch16-224"
+    assert len(os.listdir(repo_dir / "snapshots")) == 1 and "Bearer hf_token_from_login" in hub.hub_auth
+    files = dict(hub.repos[("models", "google/vit-base-patch16-224")]["files"])
+    files["README.md"] = b"a new commit that leaves the weights alone\n"
+    hub.add("models", "google/vit-base-patch16-224", files)
+    gets = dict(hub.cdn_gets)
+    assert run_script(load, env, ROOT).stdout.strip() == "32"
+    assert len(os.listdir(repo_dir / "snapshots")) == 2 and hub.cdn_gets == gets  # the weights blob is reused
+    hub.close()
+    assert run_script(load, {**env, "TRANSFORMERS_OFFLINE": "1"}, ROOT).stdout.strip() == "32"

@@ -106,6 +106,18 @@ def build_models(cfg):
     return vit, qformer, load_bert_tokenizer(bert), bert
 
 
+def open_feature_cache(dataset, path, tokens, width, env, resume):
+    """A data.FeatureCache every process can use: process 0 makes the files (afresh unless resuming), then the
+    others open them."""
+    cache = None
+    for first in (True, False):
+        if env.is_main == first:
+            cache = data.FeatureCache(dataset, path, tokens, width, fresh=env.is_main and not resume)
+        if env.world > 1:
+            torch.distributed.barrier()
+    return cache
+
+
 def build_dataset(cfg, split, image_size, env=None):
     """(dataset, is_map_style) for 'train' or 'val' of cfg.data (a TrainConfig)."""
     src = cfg.val_data if split == "val" and cfg.val_data else cfg.data
@@ -297,13 +309,8 @@ def main(argv=None):
     if cfg.cache_features:
         assert map_style, "--cache_features needs a map-style dataset (a folder or shapes, not streamed shards)"
         n_tok = (vit.config.image_size // vit.config.patch_size) ** 2 + 1
-        path = os.path.join(cfg.out_dir, "vit_cache")
-        for rank_first in (True, False):  # process 0 makes the files (afresh unless resuming), then the others open them
-            if env.is_main == rank_first:
-                cache = data.FeatureCache(train_ds, path, n_tok, vit.config.hidden_size,
-                                          fresh=env.is_main and not cfg.resume)
-            if env.world > 1:
-                torch.distributed.barrier()
+        cache = open_feature_cache(train_ds, os.path.join(cfg.out_dir, "vit_cache"), n_tok,
+                                   vit.config.hidden_size, env, cfg.resume)
         train_ds = cache
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
     fwd = torch.compile(model) if cfg.compile else model
