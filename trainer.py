@@ -33,10 +33,10 @@ class TrainConfig:
     out_dir: str = "out/run"
     resume: bool = False
     # data
-    data: str = "cc3m"          # cc3m / cc12m / hub:org/name (WebDataset shards from the hub), shapes,
-                                # 'dir/*.tar' shards, or a folder with captions.jsonl
+    data: str = "cc3m"          # cc3m / cc12m / hub:org/name (WebDataset shards from the hub), shapes, real
+                                # (stamps + Fashion-MNIST), 'dir/*.tar' shards, or a folder with captions.jsonl
     n_pairs: int = 50_000       # hub data: how many training pairs to fetch and use (0: all)
-    n_train: int = 200_000      # shapes: size of the training set (an epoch)
+    n_train: int = 200_000      # shapes, real: size of the training set (an epoch)
     val_data: str = ""          # default: held out from --data
     num_workers: int = 4
     # optimisation
