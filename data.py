@@ -1,8 +1,9 @@
 """
-Image-caption data: the built-in `shapes` set (rendered on the fly, for offline runs and tests), WebDataset tar
-shards as img2dataset writes them, a plain folder with captions.jsonl / .tsv, and a downloader for Conceptual
-Captions shards. Every source yields (pixels, caption, key); a sample that cannot be read becomes None and is
-counted by the collate function, so one bad file never stops a run.
+Image-caption data: the built-in `shapes` set (rendered on the fly, for offline runs and tests), real pictures
+installable offline (Tux Paint's stamps and Fashion-MNIST), WebDataset tar shards as img2dataset writes them, a
+plain folder with captions.jsonl / .tsv, and a downloader for Conceptual Captions shards. Every source yields
+(pixels, caption, key); a sample that cannot be read becomes None and is counted by the collate function, so one
+bad file never stops a run.
 """
 import glob
 import io
@@ -25,7 +26,7 @@ from load_weights import hub_download, split_revision
 # preprocessing, as google/vit-base-patch16-224's image processor: RGB, resize (bilinear), mean = std = 0.5
 
 
-def to_pixels(img, image_size):
+def to_rgb(img):
     img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before RGB
         img = Image.fromarray((np.asarray(img, dtype=np.float32) / (256.0 if img.mode != "I" else 65536.0))
@@ -34,7 +35,11 @@ def to_pixels(img, image_size):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent areas become white, not black
         img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return img.convert("RGB")
+
+
+def to_pixels(img, image_size):
+    img = to_rgb(img).resize((image_size, image_size), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return x / 127.5 - 1.0
 
@@ -66,9 +71,8 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 RELATIONS = ("left of", "right of", "above", "below")
 
 
-def shape_scene(seed, index, mirror=0):
-    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y).
-    mirror=1 / 2 gives the same scene mirrored left-right / top-bottom (the objects stay upright)."""
+def shape_scene(seed, index):
+    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y)."""
     rng = random.Random(f"shapes:{seed}:{index}")
     n = rng.choice((1, 2, 3))
     objects = []
@@ -78,9 +82,6 @@ def shape_scene(seed, index, mirror=0):
         x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
         if all(max(abs(x - o[3]), abs(y - o[4])) > r + SIZES[o[0]] / 2 + 0.03 for o in objects):
             objects.append((size, rng.choice(list(COLOURS)), rng.choice(SHAPES), x, y))
-    if mirror:
-        objects = [(o[0], o[1], o[2], 1 - o[3], o[4]) if mirror == 1 else (o[0], o[1], o[2], o[3], 1 - o[4])
-                   for o in objects]
     return {"background": rng.choice(BACKGROUNDS), "objects": objects, "rng": rng}
 
 
@@ -189,31 +190,19 @@ SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # disjoint images per split
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """twins: items 2k and 2k+1 are one scene and its mirror image (left-right or top-bottom, alternately), whose
-    captions differ only in where things are; batched together (StepSampler's group=2) they make ITC tell
-    positions apart, which colour and shape alone would not ask of it."""
-
-    def __init__(self, split="train", length=10**9, image_size=64, twins=False):
-        self.seed, self.length, self.image_size, self.twins = SPLIT_SEEDS[split], length, image_size, twins
+    def __init__(self, split="train", length=10**9, image_size=64):
+        self.seed, self.length, self.image_size = SPLIT_SEEDS[split], length, image_size
 
     def __len__(self):
         return self.length
 
-    def scene(self, index):
-        if not self.twins:
-            return shape_scene(self.seed, index)
-        k = index // 2
-        return shape_scene(self.seed, k, 0 if index % 2 == 0 else 1 + k % 2)
-
     def __getitem__(self, index):
-        scene = self.scene(index)
-        caption = shape_caption(scene)  # draws from scene["rng"] before rendering does: keep this order
-        img = render_scene(scene, self.image_size)
-        return to_pixels(img, self.image_size), caption, canonical(scene), index
+        img, caption = make_shape_example(self.seed, index, self.image_size)
+        return to_pixels(img, self.image_size), caption, canonical(shape_scene(self.seed, index)), index
 
     def caption_and_key(self, index):  # without rendering: what the feature cache needs
-        scene = self.scene(index)
-        return shape_caption(scene), canonical(scene)
+        scene = shape_scene(self.seed, index)
+        return shape_caption(scene), canonical(shape_scene(self.seed, index))
 
 # -----------------------------------------------------------------------------------------------------------
 # real data: WebDataset shards (streamed) and a folder of images with a captions file
@@ -474,20 +463,16 @@ class StepSampler(torch.utils.data.Sampler):
     """Indices of micro-batch `start`, `start`+1, ... forever: one seeded permutation per epoch, each global
     batch split across DDP ranks. Resuming at a step is exact and costs nothing (no samples are read)."""
 
-    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0, group=1):
+    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0):
         self.n, self.b, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
-        self.group = group  # indices g*k .. g*k+g-1 stay together (twins), in one micro-batch
         assert n >= batch_size * world, f"dataset of {n} is smaller than one global batch ({batch_size * world})"
-        assert batch_size % group == 0, f"batch size {batch_size} is not a multiple of the group size {group}"
 
     def __iter__(self):
         per_epoch, m, epoch, perm = self.n // (self.b * self.world), self.start, None, None
-        g = self.group
         while True:
             e, k = divmod(m, per_epoch)
             if e != epoch:
-                groups = torch.randperm(self.n // g, generator=torch.Generator().manual_seed(self.seed + e))
-                epoch, perm = e, (groups[:, None] * g + torch.arange(g)).flatten()
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
             lo = (k * self.world + self.rank) * self.b
             yield from perm[lo:lo + self.b].tolist()
             m += 1

@@ -77,7 +77,7 @@ def real_picture(model, val_ds, image_size, path, n_each=4):
     """Caption real photos (scikit-image's, scikit-learn's), held-out stamps and Fashion-MNIST images."""
     photos = [Image.open(p) for p in data.photo_paths()]
     picks = list(range(n_each)) + list(range(len(val_ds.stamps), len(val_ds.stamps) + n_each))
-    images = photos + [val_ds.image(i) for i in picks]
+    images = [data.to_rgb(im) for im in photos + [val_ds.image(i) for i in picks]]
     captions = model.generate(torch.stack([data.to_pixels(im, image_size) for im in images]), max_new_tokens=24)
     for im, c in zip([os.path.basename(p) for p in data.photo_paths()] + [val_ds.caption_and_key(i)[0]
                                                                          for i in picks], captions):

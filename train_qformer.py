@@ -41,7 +41,6 @@ class Stage1Config(TrainConfig):
     # data and objectives
     max_text_len: int = 32
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
-    twins: bool = False           # shapes: each training scene and its mirror image in one batch (data.py)
     losses: str = "itc,itm,itg"
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
@@ -135,7 +134,7 @@ def build_dataset(cfg, split, image_size, env=None):
         n = cfg.n_train if split == "train" else cfg.eval_samples
         if src == "real":
             return data.RealPictures(split, n, image_size), True
-        return data.ShapesDataset(split, n, image_size, twins=split == "train" and getattr(cfg, "twins", False)), True
+        return data.ShapesDataset(split, n, image_size), True
     if src in data.HUB_DATASETS or src.startswith("hub:"):  # WebDataset shards from the hub, into its cache
         repo = data.HUB_DATASETS.get(src, src[4:])
         if split == "train":
@@ -169,8 +168,7 @@ def train_batches(cfg, ds, map_style, collate, env, start_micro):
     kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
               pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     if map_style:
-        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro,
-                                   group=2 if getattr(cfg, "twins", False) else 1)
+        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro)
         yield from torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
     skip = start_micro * cfg.batch_size * env.world
     while True:  # streams: one pass per epoch; on resume skip what was consumed (reads, but exact)
