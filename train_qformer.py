@@ -132,9 +132,7 @@ def build_dataset(cfg, split, image_size, env=None):
     rank, world = (env.rank, env.world) if env else (0, 1)
     if src in ("shapes", "real"):
         n = cfg.n_train if split == "train" else cfg.eval_samples
-        if src == "real":
-            return data.RealPictures(split, n, image_size), True
-        return data.ShapesDataset(split, n, image_size), True
+        return (data.ShapesDataset if src == "shapes" else data.RealPictures)(split, n, image_size), True
     if src in data.HUB_DATASETS or src.startswith("hub:"):  # WebDataset shards from the hub, into its cache
         repo = data.HUB_DATASETS.get(src, src[4:])
         if split == "train":
