@@ -332,6 +332,10 @@ def read_idx(path):
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def words(text):
+    return re.findall(r"[a-z][a-z\-]*", text.lower())
+
+
 def list_stamps(root=STAMPS_DIR):
     """[(png path, caption)] for every stamp with a caption file (its first line is English)."""
     out = []
@@ -350,8 +354,8 @@ def head_noun(caption):
     text = re.sub(r"^(a|an|the)\s+(pair of\s+)?", "", caption.lower())
     text = re.split(r"\s(?:called|with|for|in|of|on|that|from|and|at|who|which|playing|holding|wearing|eating|"
                     r"sitting|standing)\s|[,(:;—.!?]", text)[0]
-    words = re.findall(r"[a-z][a-z\-]*", text)
-    return words[-1] if words else ""
+    found = words(text)
+    return found[-1] if found else ""
 
 
 def names(caption):
@@ -382,14 +386,13 @@ class RealPictures(torch.utils.data.Dataset):
         held = lambda p: zlib.crc32(os.path.relpath(p, stamps_dir).encode()) % 100 < 15
         train_stamps = [s for s in stamps if not held(s[0])]
         # nouns the training captions contain: held-out stamps are scored separately for seen and unseen ones
-        self.seen = {w for _, c in train_stamps for w in re.findall(r"[a-z][a-z\-]*", c.lower())}
-        self.seen |= {w for c in FASHION_CLASSES for w in re.findall(r"[a-z][a-z\-]*", c.lower())}
+        self.seen = {w for c in [c for _, c in train_stamps] + list(FASHION_CLASSES) for w in words(c)}
         if self.train:  # at most half the set: as drawn, then mirrored, then zoomed, as far as room allows
             self.stamps = [(p, c, r) for r in range(3) for p, c in train_stamps][:length // 2]
         else:
             self.stamps = [(p, c, 0) for p, c in stamps if held(p)]
         prefix = "train" if self.train else "t10k"
-        n_fashion = max(0, min(length - len(self.stamps), 60000 if self.train else 10000))
+        n_fashion = max(0, length - len(self.stamps))  # slicing stops at the file's own size
         self.fashion = read_idx(os.path.join(fashion_dir, f"{prefix}-images-idx3-ubyte.gz"))[:n_fashion]
         self.labels = read_idx(os.path.join(fashion_dir, f"{prefix}-labels-idx1-ubyte.gz"))[:n_fashion]
 

@@ -75,13 +75,13 @@ def shapes_picture(model, image_size, path, n=16):
 @torch.no_grad()
 def real_picture(model, val_ds, image_size, path, n_each=4):
     """Caption real photos (scikit-image's, scikit-learn's), held-out stamps and Fashion-MNIST images."""
-    photos = [Image.open(p) for p in data.photo_paths()]
+    paths = data.photo_paths()
     picks = list(range(n_each)) + list(range(len(val_ds.stamps), len(val_ds.stamps) + n_each))
-    images = [data.to_rgb(im) for im in photos + [val_ds.image(i) for i in picks]]
+    images = [data.to_rgb(im) for im in [Image.open(p) for p in paths] + [val_ds.image(i) for i in picks]]
     captions = model.generate(torch.stack([data.to_pixels(im, image_size) for im in images]), max_new_tokens=24)
-    for im, c in zip([os.path.basename(p) for p in data.photo_paths()] + [val_ds.caption_and_key(i)[0]
-                                                                         for i in picks], captions):
-        print(f"  {im}: {c}")
+    names = [os.path.basename(p) for p in paths] + [val_ds.caption_and_key(i)[0] for i in picks]
+    for name, c in zip(names, captions):
+        print(f"  {name}: {c}")
     return caption_grid(images, captions, [[] for _ in captions], path)
 
 
