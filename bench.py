@@ -10,9 +10,11 @@ their values), so this runs offline.
 
 With --baseline both sides are built in one process and timed in alternating rounds (the median round counts),
 so a noisy neighbour or a clock change hits both. The baseline is what a user would write instead: transformers'
-BLIP-2 retrieval model (ITC), vision and Q-Former models, LlamaForCausalLM with peft's LoRA, SDPA attention,
-autocast in --baseline_dtype, and `generate`.
+BLIP-2 retrieval model (ITC), vision and Q-Former models, LlamaForCausalLM with peft's LoRA, SDPA attention and
+`generate`, run in every set-up that makes sense on the device (training: fp32, bf16 autocast; decoding: fp32
+weights, with bf16 autocast, bf16 weights), and ours is divided by the fastest of them, which is named.
 """
+import copy
 import json
 import resource
 import statistics
@@ -28,7 +30,7 @@ from model import Llama, LlamaConfig, ViT, ViTConfig
 from qformer import QFormer, QFormerConfig
 from train_qformer import Stage1
 from train_vlm import VLM
-from trainer import Env, faster_dtype, make_optimizer, parse_config
+from trainer import Env, cpu_info, fastest_dtype, freeze_to, make_optimizer, parse_config
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' data sheets
@@ -38,13 +40,12 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from 
 class BenchConfig:
     """Throughput of stage 1, stage 2 and decoding; 0 = a default that suits the device (GPU / CPU)."""
     device: str = "auto"
-    dtype: str = "auto"              # ours: the fastest per device (trainer.fastest_dtype)
-    decode_dtype: str = "auto"       # ours, decoding: bf16 where a memory-bound matvec is faster in it
+    dtype: str = "auto"              # ours, training: measured per device (trainer.fastest_dtype)
+    decode_dtype: str = "auto"       # ours, decoding: measured per device, as sample.py chooses it
     baseline: bool = False
-    baseline_dtype: str = "bfloat16" # the baseline's autocast dtype, as a user would turn it on
-    baseline_weights: str = "auto"   # the baseline's weight dtype when decoding: bf16 on a GPU (dtype=torch.bfloat16,
-                                     # as users load it there), fp32 on a CPU (transformers' default)
-    compile: str = "auto"            # torch.compile ours: auto = train steps on CUDA, the decode step everywhere
+    baseline_dtypes: str = "auto"    # the baseline's set-ups are built from these: fp32,bf16 on a CPU, bf16 on a GPU
+    compile: str = "auto"            # torch.compile ours: auto = training on a GPU the whole step, on a CPU layer
+                                     # by layer (as --compile does in training); decoding: the decode step
     only: str = ""                   # comma list of stage1_itc, stage1_all, stage2, decode
     stage1_batch: int = 0            # 128 / 2
     stage2_batch: int = 0            # 64 / 2
@@ -112,9 +113,10 @@ def random_inputs(B, dev, text_len=None, seq=None):
 
 def ours_stage1(cfg, env, B, losses, compile_):
     def build():
-        model = Stage1(ViT(ViTConfig()), QFormer(QFormerConfig(hidden_dropout_prob=0.0)), False).to(env.device)
+        model = Stage1(ViT(ViTConfig()), QFormer(QFormerConfig(hidden_dropout_prob=0.0))).to(env.device)
+        freeze_to(model.vit, env.dtype)  # as train_qformer.py runs it
         opt = make_optimizer(model.qformer.parameters(), 1e-4, 0.05, env.device)
-        fwd = torch.compile(model) if compile_ else model
+        fwd = compiled(model, [model.qformer], env.device) if compile_ else model
         batch, gen = random_inputs(B, env.device, cfg.text_len), torch.Generator().manual_seed(0)
 
         def step():
@@ -125,6 +127,15 @@ def ours_stage1(cfg, env, B, losses, compile_):
             opt.zero_grad(set_to_none=True)
         return step
     return build
+
+
+def compiled(model, parts, dev):
+    """What --compile does in training: on a GPU the whole step, on a CPU the trained parts layer by layer."""
+    if dev.type == "cuda":
+        return torch.compile(model)
+    for part in parts:
+        part.compile_layers()
+    return model
 
 
 def stage2_batch(cfg, B, dev):
@@ -145,9 +156,11 @@ def ours_stage2(cfg, env, B, compile_):
         apply_lora(llm, r=8, alpha=16, targets=LORA_TARGETS)
         vlm = VLM(ViT(ViTConfig()).requires_grad_(False), QFormer(QFormerConfig(hidden_dropout_prob=0.0)), llm,
                   None).to(env.device)
+        for frozen in (vlm.vit, vlm.llm):  # as train_vlm.py runs them
+            freeze_to(frozen, env.dtype)
         scale = {p: 0.1 for p in vlm.qformer.parameters()}  # the recipe: the Q-Former trains on at lr x 0.1
         opt = make_optimizer([p for p in vlm.parameters() if p.requires_grad], 1e-4, 0.0, env.device, scale)
-        fwd = torch.compile(vlm) if compile_ else vlm
+        fwd = compiled(vlm, [vlm.qformer, vlm.llm], env.device) if compile_ else vlm
         batch = stage2_batch(cfg, B, env.device)
 
         def step():
@@ -288,51 +301,45 @@ def peak_flops(cfg, dev):
 # decoding
 
 
-def decode_dtype(cfg, dev):
-    """Batch-1 decoding reads every weight once per token, so it is bound by memory bandwidth: half-width
-    weights win even on a CPU without bf16 units, where bf16 *matmuls* lose. A matrix-vector probe decides."""
-    if cfg.decode_dtype != "auto":
-        return getattr(torch, cfg.decode_dtype)
-    if dev.type == "cuda":
-        return torch.bfloat16
-    def matvec(dt):
-        w, x = torch.randn(8192, 2048).to(dt), torch.randn(1, 2048).to(dt)  # 64 MB in fp32: not in cache
-        return lambda: F.linear(x, w)
-    return faster_dtype(matvec, reps=5)
-
-
-def bench_decode(cfg, env, results, compile_):
+def bench_decode(cfg, env, results, compile_, base_dtypes):
     dev, N, T = env.device, cfg.new_tokens, cfg.prompt_len + 32 + cfg.caption_len
-    dt = decode_dtype(cfg, dev)
+    dt = getattr(torch, cfg.decode_dtype if cfg.decode_dtype != "auto" else fastest_dtype(dev, "decode"))
     ours = Llama(LlamaConfig()).to(dev, dt).eval()
     if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)
         ours.compile_decode("reduce-overhead", whole=True) if dev.type == "cuda" else ours.compile_decode()
-    hf = None
+    setups = {}  # the baseline's set-ups: name -> (model, autocast dtype)
     if cfg.baseline:
         from transformers import LlamaForCausalLM
         hf = LlamaForCausalLM(hf_llama_config()).to(dev).eval()
         hf.load_state_dict(ours.state_dict(), strict=False)  # same weights (RoPE tables are not in the state)
-        hf.to(getattr(torch, cfg.baseline_weights))
+        hf_half = None
+        for bdt in base_dtypes:
+            if dev.type == "cpu":  # transformers' default on a CPU: fp32 weights, autocast as a user turns it on
+                setups["fp32 weights" + (f", {name_of(bdt)} autocast" if bdt != torch.float32 else "")] = (hf, bdt)
+            if bdt != torch.float32:  # half-width weights, as users load them on a GPU (dtype=torch.bfloat16)
+                hf_half = hf_half or copy.deepcopy(hf).to(bdt)
+                setups[f"{name_of(bdt)} weights"] = (hf_half, torch.float32)
     for B in (1, cfg.decode_batch):
         ids = torch.randint(10, 49000, (B, T), generator=torch.Generator().manual_seed(B)).to(dev)
 
         def run_ours(stamp):
             ours.generate(input_ids=ids, max_new_tokens=N, eos_token_id=-1, fast=True, on_token=lambda t: stamp())
 
-        def run_hf(stamp):
+        def run_hf(stamp, model, autocast_dt):
             class Streamer:  # generate() calls put() with the prompt, then once per new token
                 def put(self, value):
                     stamp()
 
                 def end(self):
                     pass
-            with hf_autocast(dev, getattr(torch, cfg.baseline_dtype)):
-                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
-                            do_sample=False, pad_token_id=0, streamer=Streamer())
-        sides = [("", run_ours, 0)] + ([("baseline_", run_hf, 1)] if hf is not None else [])
-        ttft, rate = {p: [] for p, _, _ in sides}, {p: [] for p, _, _ in sides}
+            with hf_autocast(dev, autocast_dt):
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                               do_sample=False, pad_token_id=0, streamer=Streamer())
+        sides = [("ours", run_ours, 0)] + [(name, lambda s, m=m, a=a: run_hf(s, m, a), 1)
+                                            for name, (m, a) in setups.items()]
+        ttft, rate = {n: [] for n, _, _ in sides}, {n: [] for n, _, _ in sides}
         for r in range(1 + cfg.rounds):  # round 0 is warm-up: compilation, CUDA graphs, allocator
-            for prefix, run, skip in sides:
+            for name, run, skip in sides:
                 # each token is timed as it comes out (a sync per token, as a streaming user sees it):
                 # time to first token, then the steady rate between the first and the last token
                 stamps = []
@@ -343,12 +350,26 @@ def bench_decode(cfg, env, results, compile_):
                 run(stamp)
                 stamps = stamps[skip:]
                 if r > 0:
-                    ttft[prefix].append(stamps[0] - t0)
-                    rate[prefix].append(B * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        for prefix, _, _ in sides:
-            results[f"{prefix}decode_b{B}_ttft_ms"] = statistics.median(ttft[prefix]) * 1e3
-            results[f"{prefix}decode_b{B}_tokens_per_s"] = statistics.median(rate[prefix])
-    results["decode_dtype"] = str(dt).replace("torch.", "")
+                    ttft[name].append(stamps[0] - t0)
+                    rate[name].append(B * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        results[f"decode_b{B}_ttft_ms"] = statistics.median(ttft["ours"]) * 1e3
+        results[f"decode_b{B}_tokens_per_s"] = statistics.median(rate["ours"])
+        if setups:  # the baseline at its best, for each figure on its own
+            by_rate = {n: statistics.median(rate[n]) for n in setups}
+            by_ttft = {n: statistics.median(ttft[n]) * 1e3 for n in setups}
+            best, first = max(by_rate, key=by_rate.get), min(by_ttft, key=by_ttft.get)
+            results[f"baseline_decode_b{B}_tokens_per_s"] = by_rate[best]
+            results[f"baseline_decode_b{B}_tokens_per_s_setup"] = best
+            results[f"baseline_decode_b{B}_ttft_ms"] = by_ttft[first]
+            results[f"baseline_decode_b{B}_ttft_ms_setup"] = first
+            results[f"ratio_decode_b{B}_ttft"] = by_ttft[first] / results[f"decode_b{B}_ttft_ms"]  # > 1: ours sooner
+            results[f"baseline_decode_b{B}_all"] = {n: {"tokens_per_s": round(by_rate[n], 2),
+                                                        "ttft_ms": round(by_ttft[n], 1)} for n in setups}
+    results["decode_dtype"] = name_of(dt)
+
+
+def name_of(dt):
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
 
 # -----------------------------------------------------------------------------------------------------------
 
@@ -361,49 +382,61 @@ def main(argv=None):
                                ("steps", 10, 1), ("warmup", 3, 1), ("rounds", 3, 2), ("new_tokens", 128, 24)]:
         if not getattr(cfg, name):
             setattr(cfg, name, gpu_v if gpu else cpu_v)
-    if cfg.baseline_weights == "auto":
-        cfg.baseline_weights = "bfloat16" if gpu else "float32"
-    base_dt = getattr(torch, cfg.baseline_dtype)
-    compile_ = gpu if cfg.compile == "auto" else cfg.compile in ("1", "true", "yes", "on")
-    compile_decode = cfg.compile == "auto" or compile_
+    if cfg.baseline_dtypes == "auto":
+        cfg.baseline_dtypes = "bfloat16" if gpu else "float32,bfloat16"
+    base_dts = [getattr(torch, d) for d in cfg.baseline_dtypes.split(",")]
+    compile_ = cfg.compile in ("auto", "1", "true", "yes", "on")
     only = set(cfg.only.split(",")) if cfg.only else {"stage1_itc", "stage1_all", "stage2", "decode"}
-    name = torch.cuda.get_device_name(dev) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(dev) if gpu else f"{cpu_info()['cpu']} ({torch.get_num_threads()} threads)"
     log = (lambda *a: None) if cfg.json else print
-    log(f"device {name}; ours {env.dtype} (compile: train {compile_}, decode {compile_decode}); baseline: "
-        + (f"{cfg.baseline_weights} weights, {cfg.baseline_dtype} autocast" if cfg.baseline else "off"))
-    results = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-               "dtype": str(env.dtype).replace("torch.", ""), "baseline_dtype": cfg.baseline_dtype,
-               "baseline_weights": cfg.baseline_weights,
-               "compile_train": compile_, "compile_decode": compile_decode}
+    results = {"device": name, **({} if gpu else {"cpu_flags": " ".join(cpu_info()["cpu_flags"])}),
+               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "dtype": name_of(env.dtype),
+               "baseline_dtypes": cfg.baseline_dtypes, "compile": compile_}
+    log(f"device {name}{'' if gpu else ', flags ' + results['cpu_flags']}; ours: training {name_of(env.dtype)} "
+        f"(compile {compile_}); baseline: "
+        + (f"the best of {cfg.baseline_dtypes}" if cfg.baseline else "off"))
 
     def show(wanted):  # one line of the results gathered so far whose keys are wanted
-        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items() if wanted(k)))
+        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()
+                       if wanted(k) and not isinstance(v, dict)))
 
-    def compare(key, per_step_samples, ours_build, base_build, flops=None):
-        sides = [Side(b, dev, cfg.warmup) for b in [ours_build, base_build if cfg.baseline else None] if b]
-        times = race(sides, cfg, dev)
-        for prefix, s, t in zip(["", "baseline_"], sides, times):
-            results[f"{prefix}{key}_samples_per_s"] = per_step_samples / t
-            if s.peak_gb is not None:
-                results[f"{prefix}{key}_peak_mem_gb"] = s.peak_gb
+    def compare(key, per_step_samples, ours_build, base_builds, flops=None):
+        """base_builds: {set-up name: build}; the fastest set-up is the baseline."""
+        torch._dynamo.reset()  # each workload gets torch.compile's whole budget of graphs (as one training run)
+        names = ["ours"] + (list(base_builds) if cfg.baseline else [])
+        builds = [ours_build] + [base_builds[n] for n in names[1:]]
+        sides = [Side(b, dev, cfg.warmup) for b in builds]
+        rates = dict(zip(names, (per_step_samples / t for t in race(sides, cfg, dev))))
+        results[f"{key}_samples_per_s"] = rates["ours"]
+        if sides[0].peak_gb is not None:
+            results[f"{key}_peak_mem_gb"] = sides[0].peak_gb
+        if len(names) > 1:
+            best = max(names[1:], key=rates.get)
+            results[f"baseline_{key}_samples_per_s"] = rates[best]
+            results[f"baseline_{key}_samples_per_s_setup"] = best
+            if sides[names.index(best)].peak_gb is not None:
+                results[f"baseline_{key}_peak_mem_gb"] = sides[names.index(best)].peak_gb
+            results[f"baseline_{key}_all"] = {n: round(rates[n], 3) for n in names[1:]}
         if flops and peak_flops(cfg, dev):
             results[f"{key}_mfu"] = flops * results[f"{key}_samples_per_s"] / peak_flops(cfg, dev)
         show(lambda k: k.startswith((key, "baseline_" + key)))
 
+    def autocast_setups(make):  # the training set-ups: fp32, or autocast to a half-width dtype
+        return {("fp32" if dt == torch.float32 else f"{name_of(dt)} autocast"): make(dt) for dt in base_dts}
+
     B1, B2 = cfg.stage1_batch, cfg.stage2_batch
     if "stage1_itc" in only:
-        compare("stage1_itc", B1, ours_stage1(cfg, env, B1, ["itc"], compile_), hf_stage1_itc(cfg, env, B1, base_dt))
+        compare("stage1_itc", B1, ours_stage1(cfg, env, B1, ["itc"], compile_),
+                autocast_setups(lambda dt: hf_stage1_itc(cfg, env, B1, dt)))
     if "stage1_all" in only:  # transformers has no trainable ITG for BLIP-2's Q-Former: no baseline here
-        compare("stage1_all", B1, ours_stage1(cfg, env, B1, ["itc", "itm", "itg"], compile_), None)
+        compare("stage1_all", B1, ours_stage1(cfg, env, B1, ["itc", "itm", "itg"], compile_), {})
     if "stage2" in only:
         T = cfg.prompt_len + 32 + cfg.caption_len
-        compare("stage2", B2, ours_stage2(cfg, env, B2, compile_), hf_stage2(cfg, env, B2, base_dt),
-                stage2_flops_per_sample(cfg))
+        compare("stage2", B2, ours_stage2(cfg, env, B2, compile_),
+                autocast_setups(lambda dt: hf_stage2(cfg, env, B2, dt)), stage2_flops_per_sample(cfg))
         results["stage2_tokens_per_s"] = results["stage2_samples_per_s"] * T
-        if cfg.baseline:
-            results["baseline_stage2_tokens_per_s"] = results["baseline_stage2_samples_per_s"] * T
     if "decode" in only:
-        bench_decode(cfg, env, results, compile_decode)
+        bench_decode(cfg, env, results, compile_, base_dts)
         show(lambda k: "decode" in k)
     for k in [k for k in results if k.startswith("baseline_") and k.endswith("_per_s")]:
         ours_key = k[len("baseline_"):]
@@ -415,7 +448,11 @@ def main(argv=None):
     else:
         for k, v in results.items():
             if k.startswith("ratio_"):
-                print(f"{k[len('ratio_'):]}: ours / baseline = {v:.2f}x")
+                what = k[len("ratio_"):]
+                setup = results.get(f"baseline_{what}_setup") or results.get(f"baseline_{what}_ms_setup", "")
+                print(f"{what}: ours ({results['decode_dtype'] if 'decode' in what else results['dtype']}) / "
+                      f"baseline at its best ({setup}) = {v:.2f}x" + (" (time to first token: >1 = ours sooner)"
+                                                                     if "ttft" in what else ""))
     return results
 
 

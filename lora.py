@@ -33,7 +33,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.enabled and not self.merged:
-            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            # the scale on the r-wide middle, not on the out-wide result: the same product, r/out of the work
+            y = y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
         return y
 
     def delta_weight(self):
@@ -85,6 +86,15 @@ def merge_lora(model):
 def unmerge_lora(model):
     for m in lora_modules(model).values():
         m.unmerge()
+
+
+def merged_state_dict(model):
+    """The model's weights in fp32 with every adapter folded in, without the lora_ keys. The model itself is
+    not touched: merging in place into bf16 weights and unmerging would not give the same weights back."""
+    sd = {k: v.float() for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, m in lora_modules(model).items():
+        sd[f"{name}.weight"] = sd[f"{name}.weight"] + m.delta_weight().float()
+    return sd
 
 
 @contextmanager

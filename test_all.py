@@ -416,6 +416,26 @@ def test_lora_fresh_merge_freeze():
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
+
+def test_merged_state_dict_folds_in_fp32_and_leaves_the_model():
+    m = tiny_llama_ours()
+    lora.apply_lora(m, r=4, alpha=8)
+    for mod in lora.lora_modules(m).values():
+        torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+    ids = torch.randint(0, 128, (2, 7))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        unmerged = m(input_ids=ids)
+    m.to(torch.bfloat16)  # where merging in place and unmerging would not give the weights back
+    merged = lora.merged_state_dict(m)
+    assert all(torch.equal(v, before[k].to(torch.bfloat16)) for k, v in m.state_dict().items())
+    assert not any("lora_" in k for k in merged) and all(v.dtype == torch.float32 for v in merged.values())
+    plain = tiny_llama_ours()
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        assert maxdiff(plain(input_ids=ids), unmerged) <= 0.02  # the merged weights: base rounded to bf16 + delta
+
+
 def test_lora_adapter_round_trip_and_peft(tmp_path):
     m = tiny_llama_ours()
     lora.apply_lora(m, r=4, alpha=8, targets="q_proj,v_proj")
@@ -929,11 +949,16 @@ def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
         assert (out / f).exists(), f
     cfg = json.load(open(out / "config.json"))
     assert cfg["image_size"] == 64 and cfg["data_preset"] == "tiny" and cfg["num_query_tokens"] == 4
-    # the shapes preset's path: frozen Q-Former, its outputs cached once, projector warmed up before the LM
+    # the shapes preset's path: frozen Q-Former, its outputs cached once, projector warmed up before the LM;
+    # here under bf16 autocast (the frozen weights stored in bf16) and exported with LoRA merged in
     m = train_vlm.main(["--preset", "tiny", "--qformer", str(tmp_path / "s1"), "--llm", str(lm_dir),
                         "--out_dir", str(tmp_path / "s2c"), "--max_new_tokens", "3", "--freeze_qformer",
-                        "--cache_features", "--warmup_projector", "2", "--warmup_projector_batch", "4"])
+                        "--cache_features", "--warmup_projector", "2", "--warmup_projector_batch", "4",
+                        "--dtype", "bfloat16", "--merge"])
     assert np.load(tmp_path / "s2c/qformer_cache.filled", mmap_mode="r").all() and np.isfinite(m["bleu4"])
+    merged = load_file(tmp_path / "s2c/merged_lm.safetensors")
+    base = load_file(lm_dir / "model.safetensors")
+    assert set(merged) == set(base) - {"lm_head.weight"} and all(v.dtype == torch.float32 for v in merged.values())
     imgs = []
     for i in range(2):
         data.make_shape_example(2, i, 40)[0].save(tmp_path / f"{i}.png")
@@ -1092,6 +1117,108 @@ def test_compiled_train_step_matches_eager():
     print("eager", losses["eager"], "compiled", losses["compiled"])
     assert losses["eager"][0] != losses["eager"][2]  # the steps did change the model
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5)
+
+def test_freeze_to_gives_autocasts_products_bit_for_bit():
+    """Frozen matmul weights stored in bf16 (trainer.freeze_to) compute what autocast computes from fp32 weights:
+    the same loss and LoRA gradients to the bit (stage 2's LM), the same features (the frozen ViT)."""
+    def lm_loss_and_grads(m, ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = m.hidden_states(inputs_embeds=m.model.embed_tokens(ids))
+            loss = torch.nn.functional.cross_entropy(m.lm_head(h[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 128, (2, 9))
+    runs = []
+    for freeze in (False, True):
+        m = tiny_llama_ours().train()
+        lora.apply_lora(m, r=4, alpha=8, targets="q_proj,v_proj")
+        for mod in lora.lora_modules(m).values():
+            torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+        if freeze:
+            trainer.freeze_to(m, torch.bfloat16)
+            assert m.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+            assert m.model.embed_tokens.weight.dtype == torch.float32  # the residual stream stays fp32
+            assert m.lm_head.weight.dtype == torch.bfloat16  # the tied head: its own copy
+            assert m.model.layers[0].self_attn.q_proj.lora_A.weight.dtype == torch.float32  # trained: untouched
+        runs.append(lm_loss_and_grads(m, ids))
+    (loss0, g0), (loss1, g1) = runs
+    assert torch.equal(loss0, loss1) and g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(**{k: getattr(tiny_vit_config(), k) for k in ("image_size", "patch_size", "hidden_size",
+              "num_hidden_layers", "num_attention_heads", "intermediate_size")})).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = vit(x)
+        trainer.freeze_to(vit, torch.bfloat16)
+        assert torch.equal(vit(x), ref)
+    assert trainer.freeze_to(vit, torch.float32) is vit  # fp32 training: nothing to do
+
+
+def test_compiled_layers_train_as_the_plain_ones():
+    """compile_layers (the CPU's --compile): the LM with LoRA and the Q-Former give the losses and gradients of
+    the plain modules."""
+    def build(kind):
+        if kind == "qformer":
+            return tiny_qformer().train()
+        m = tiny_llama_ours().train()
+        lora.apply_lora(m, r=4, alpha=8, targets="q_proj,v_proj")
+        for mod in lora.lora_modules(m).values():
+            torch.nn.init.normal_(mod.lora_B.weight, std=0.1)
+        return m
+
+    def loss_of(m, x):
+        if isinstance(m, QFormer):
+            return m.encode_image(x).pow(2).mean()
+        h = m.hidden_states(inputs_embeds=m.model.embed_tokens(x))
+        return torch.nn.functional.cross_entropy(m.lm_head(h[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    inputs = {"llama": [torch.randint(0, 128, (2, 9))], "qformer": [torch.randn(2, 17, 24)]}
+    for kind, xs in inputs.items():
+        plain, compiled = build(kind), build(kind).compile_layers()
+        for x in xs:
+            got = []
+            for m in (plain, compiled):
+                m.zero_grad(set_to_none=True)
+                loss = loss_of(m, x)
+                loss.backward()
+                got.append((loss.detach(), [p.grad for p in m.parameters() if p.grad is not None]))
+            (l0, g0), (l1, g1) = got
+            assert len(g0) == len(g1) > 0 and maxdiff(l0, l1) <= 1e-5
+            assert max(maxdiff(a, b) for a, b in zip(g0, g1)) <= 1e-5, kind
+
+
+def test_fastest_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    speeds = {"train": {torch.float32: 1.0, torch.bfloat16: 2.0}, "decode": {torch.float32: 2.0, torch.bfloat16: 1.0}}
+    monkeypatch.setattr(trainer, "probe", lambda w, dt: calls.append((w, dt)) or speeds[w][dt])
+    cpu = torch.device("cpu")
+    assert trainer.fastest_dtype(cpu, "train") == "float32" and len(calls) == 2
+    assert trainer.fastest_dtype(cpu, "decode") == "bfloat16" and len(calls) == 4  # per workload
+    assert trainer.fastest_dtype(cpu, "train") == "float32" and len(calls) == 4  # kept: no second measurement
+    known = json.load(open(tmp_path / "tinyblip" / "dtypes.json"))
+    (key, answers), = known.items()
+    assert trainer.cpu_info()["cpu"] in key and torch.__version__ in key and answers == {"train": "float32",
+                                                                                          "decode": "bfloat16"}
+    monkeypatch.undo()
+    for workload in trainer.PROBES:  # the real probes run, in both dtypes
+        assert all(0 < trainer.probe(workload, dt, reps=1) < 10 for dt in (torch.float32, torch.bfloat16))
+
+def test_bench_runs_every_workload_against_the_baseline_at_its_best(tmp_path, monkeypatch):
+    """bench.py end to end at the recipe's sizes, one short round: every workload, every baseline set-up, the
+    fastest named, the ratios against it, the CPU and its flags in the JSON."""
+    import bench
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the dtype measurements: not the user's cache
+    r = bench.main(["--baseline", "--rounds", "1", "--steps", "1", "--warmup", "1", "--new_tokens", "3",
+                    "--compile", "0", "--json"])
+    assert r["device"].startswith(trainer.cpu_info()["cpu"]) and "cpu_flags" in r
+    for key in ("stage1_itc_samples_per_s", "stage2_samples_per_s", "decode_b1_tokens_per_s", "decode_b4_tokens_per_s"):
+        setups = r[f"baseline_{key.rsplit('_', 3)[0]}_all"]
+        rate = (lambda v: v["tokens_per_s"]) if "decode" in key else (lambda v: v)
+        assert len(setups) == (3 if "decode" in key else 2)
+        assert r[f"baseline_{key}_setup"] in setups and r[f"baseline_{key}"] == pytest.approx(
+            max(rate(v) for v in setups.values()), rel=1e-2)
+        assert r[f"ratio_{key}"] == pytest.approx(r[key] / r[f"baseline_{key}"]) and r[key] > 0
+    assert r["stage1_all_samples_per_s"] > 0 and r["ratio_decode_b1_ttft"] > 0 and r["decode_dtype"] in ("fp32", "bf16")
 
 # ---------------------------------------------------------------------------------------------------- the hub
 # A loopback imitation of the model hub: a threaded http.server on 127.0.0.1 that answers the requests

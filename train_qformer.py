@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import data
 from load_weights import load_bert_tokenizer, load_qformer, load_strict, load_vit, offline_paths
 from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
-from trainer import Env, TrainConfig, make_optimizer, parse_config, resume, run_cli, train, write_text
+from trainer import Env, TrainConfig, freeze_to, make_optimizer, parse_config, resume, run_cli, train, write_text
 
 
 SHAPES_VIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-vit")
@@ -299,6 +299,7 @@ def main(argv=None):
     with torch.no_grad():
         qformer.temp.fill_(cfg.itc_temp)
     model = Stage1(vit, qformer).to(env.device)
+    freeze_to(vit, env.dtype)  # the products autocast would compute, without a copy of the ViT per step
     env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M (frozen), Q-Former "
               f"{sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, device {env.device} "
               f"{env.dtype}, {env.world} process(es)")
@@ -321,7 +322,11 @@ def main(argv=None):
                                    vit.config.hidden_size, env, cfg.resume)
         train_ds = cache
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = model
+    if cfg.compile and env.device.type == "cuda":
+        fwd = torch.compile(model)
+    elif cfg.compile:  # a CPU: layer by layer (seconds to compile, not minutes; EXPERIMENTS.md, speed)
+        qformer.compile_layers()
 
     def step_fn(batch, ddp_model):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step_fn.micro)  # same ITM draw on every rank

@@ -23,7 +23,7 @@ import data
 import lora
 from load_weights import load_llm, load_strict, offline_paths
 from metrics import bleu4, cider_d, shape_attribute_accuracy
-from trainer import (CheckpointError, Env, TrainConfig, make_optimizer, parse_config, resume, run_cli,
+from trainer import (CheckpointError, Env, TrainConfig, freeze_to, make_optimizer, parse_config, resume, run_cli,
                      save_weights, train, write_text)
 from train_qformer import build_dataset, open_feature_cache, build_stage1, load_stage1, train_batches
 
@@ -355,10 +355,10 @@ def export(cfg, model, meta, llm_src, out_dir, stamp):
               "num_query_tokens": model.qformer.config.num_query_tokens}
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
     if cfg.merge:
-        lora.merge_lora(model.llm)
-        save_weights(os.path.join(out_dir, "merged_lm.safetensors"),
-                     {k: v for k, v in model.llm.state_dict().items() if "lora_" not in k}, stamp)
-        lora.unmerge_lora(model.llm)
+        merged = lora.merged_state_dict(model.llm)
+        if model.llm.config.tie_word_embeddings:  # as HF checkpoints have it: the head is the embedding table
+            merged.pop("lm_head.weight")
+        save_weights(os.path.join(out_dir, "merged_lm.safetensors"), merged, stamp)
 
 
 def load_vlm(folder, device="cpu"):
@@ -399,6 +399,8 @@ def main(argv=None):
     lora.apply_lora(model.llm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.qformer.requires_grad_(not cfg.freeze_qformer)
     model.llm.to(env.device)
+    for frozen in (model.vit, model.llm):  # the products autocast would compute, without a copy per step
+        freeze_to(frozen, env.dtype)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     env.print(f"stage 2: LM {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M (frozen, LoRA r={cfg.lora_rank} "
               f"on {cfg.lora_targets}), {n_train / 1e6:.2f}M trainable, device {env.device} {env.dtype}")
@@ -426,7 +428,12 @@ def main(argv=None):
     collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed, replay,
                             cfg.replay_ratio)
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = model
+    if cfg.compile and env.device.type == "cuda":
+        fwd = torch.compile(model)
+    elif cfg.compile:  # a CPU: layer by layer (seconds to compile, not minutes; EXPERIMENTS.md, speed)
+        for part in [model.llm] + ([] if cfg.freeze_qformer else [model.qformer]):
+            part.compile_layers()
     model.train()
 
     def step_fn(batch, ddp_model):

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # all_gather with gradients (contrastive losses under DDP)
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -56,7 +58,7 @@ class TrainConfig:
     # system
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile: on a GPU the whole step, on a CPU the trained parts layer by layer
     seed: int = 1337
 
 
@@ -97,7 +99,7 @@ class Env:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if dtype == "auto":
-            dtype = fastest_dtype(self.device)
+            dtype = fastest_dtype(self.device, "train")
         self.dtype = getattr(torch, dtype)
         self.is_main = self.rank == 0
         torch.manual_seed(seed + self.rank)
@@ -163,29 +165,97 @@ class Env:
             print(*a, **k, flush=True)
 
 
-def fastest_dtype(device):
-    """bf16 on GPUs; on a CPU, bf16 only where it has bf16 matrix units. Without them bf16 matmuls are emulated:
-    4-5x slower than fp32 at the LM's training shapes on a 2-core AVX2 machine, so a 20 ms probe decides.
-    (Decoding at batch 1 is another matter, see bench.decode_dtype.)"""
+def cpu_info():
+    """The CPU's model name and the flags that decide its fastest dtype (for dtype choices and bench reports)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if name != "unknown CPU" and flags:
+                    break
+    except OSError:  # not Linux
+        import platform
+        name = platform.processor() or name
+    return {"cpu": name, "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
+
+
+# What each workload multiplies: the LM's linear shapes (in, out) and the rows per product. Training (a stage-2
+# batch's rows, forward + backward) is compute-bound; decoding one row per sequence streams every weight from
+# memory, so its probe holds more weights than a CPU's caches (8 layers: 57 MB in bf16). The prompt is read in
+# the decoding dtype: the weights are stored once.
+LM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # q|k|v, o, gate|up, down
+PROBES = {"train": (160, 2), "decode": (1, 8)}  # (rows, layers)
+
+
+def probe(workload, dt, reps=3):
+    """Seconds for one pass of `workload` (the best of reps) with frozen weights stored in dt, as freeze_to
+    stores them, and activations under autocast to dt, as the training and decoding code run them."""
+    rows, layers = PROBES[workload]
+    train = workload == "train"
+    ws = [torch.randn(o, i).to(dt) for _ in range(layers) for i, o in LM_LINEARS]
+    xs = {i: torch.randn(rows, i, requires_grad=train) for i, _ in LM_LINEARS}
+    times = []
+    for _ in range(1 + reps):  # the first pass is untimed: allocator, kernel selection
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32), torch.set_grad_enabled(train):
+            out = sum(F.linear(xs[w.shape[1]], w).float().sum() for w in ws)
+        if train:
+            out.backward()
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def fastest_dtype(device, workload="train"):
+    """bf16 on GPUs. On a CPU it depends on the CPU: without bf16 units bf16 products are emulated (several
+    times slower than fp32 for training), with them they are ~2x faster; memory-bound decoding may gain from
+    half-width weights either way. So it is measured, per workload, at the LM's shapes (PROBES), once per
+    machine: the answer is kept in $XDG_CACHE_HOME/tinyblip/dtypes.json under the CPU, torch and thread count."""
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    def matmul(dt):
-        a = torch.randn(256, 256, dtype=dt)
-        return lambda: a @ a
-    return "bfloat16" if faster_dtype(matmul) == torch.bfloat16 else "float32"
+    info = cpu_info()
+    key = f"{info['cpu']} [{' '.join(info['cpu_flags'])}] torch {torch.__version__}, {torch.get_num_threads()} threads"
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "tinyblip", "dtypes.json")
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if workload not in known.get(key, {}):
+        times = {str(dt).replace("torch.", ""): probe(workload, dt) for dt in (torch.float32, torch.bfloat16)}
+        known.setdefault(key, {})[workload] = min(times, key=times.get)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_text(path, json.dumps(known, indent=1))
+        except OSError:  # a read-only home: measure again next time
+            pass
+    return known[key][workload]
 
 
-def faster_dtype(make_op, reps=3, dtypes=(torch.float32, torch.bfloat16)):
-    """Of dtypes, the one in which make_op(dtype)() runs fastest (after one untimed call)."""
-    times = {}
-    for dt in dtypes:
-        op = make_op(dt)
-        op()
-        t = time.perf_counter()
-        for _ in range(reps):
-            op()
-        times[dt] = time.perf_counter() - t
-    return min(times, key=times.get)
+def freeze_to(module, dtype):
+    """Store the frozen weights of module's matmuls (nn.Linear, nn.Conv2d) in dtype, the autocast dtype.
+    Autocast rounds them to it at every call anyway, and a frozen weight's copy is not cached (autocast caches
+    only leaves that need grad), so each step would copy every frozen weight: with them stored in dtype the
+    products are the same bits and the copies are gone. Embeddings, norms and positions stay in fp32, so the
+    residual stream keeps its precision; a Linear that shares its weight with an embedding (the tied LM head)
+    gets its own copy."""
+    if dtype == torch.float32:
+        return module
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.requires_grad:
+            if id(m.weight) in embeddings:
+                m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+            else:
+                m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None and not m.bias.requires_grad:
+                m.bias.data = m.bias.data.to(dtype)
+    return module
 
 
 def lr_at(step, max_steps, lr, min_lr, warmup):
