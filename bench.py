@@ -30,7 +30,7 @@ from model import Llama, LlamaConfig, ViT, ViTConfig
 from qformer import QFormer, QFormerConfig
 from train_qformer import Stage1
 from train_vlm import VLM
-from trainer import Env, cpu_info, fastest_dtype, freeze_to, make_optimizer, parse_config
+from trainer import Env, compiled, cpu_info, fastest_dtype, freeze_to, make_optimizer, parse_config
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' data sheets
@@ -127,15 +127,6 @@ def ours_stage1(cfg, env, B, losses, compile_):
             opt.zero_grad(set_to_none=True)
         return step
     return build
-
-
-def compiled(model, parts, dev):
-    """What --compile does in training: on a GPU the whole step, on a CPU the trained parts layer by layer."""
-    if dev.type == "cuda":
-        return torch.compile(model)
-    for part in parts:
-        part.compile_layers()
-    return model
 
 
 def stage2_batch(cfg, B, dev):

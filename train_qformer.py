@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import data
 from load_weights import load_bert_tokenizer, load_qformer, load_strict, load_vit, offline_paths
 from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
-from trainer import Env, TrainConfig, freeze_to, make_optimizer, parse_config, resume, run_cli, train, write_text
+from trainer import (Env, TrainConfig, compiled, freeze_to, make_optimizer, parse_config, resume, run_cli, train,
+                     write_text)
 
 
 SHAPES_VIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-vit")
@@ -322,11 +323,7 @@ def main(argv=None):
                                    vit.config.hidden_size, env, cfg.resume)
         train_ds = cache
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
-    fwd = model
-    if cfg.compile and env.device.type == "cuda":
-        fwd = torch.compile(model)
-    elif cfg.compile:  # a CPU: layer by layer (seconds to compile, not minutes; EXPERIMENTS.md, speed)
-        qformer.compile_layers()
+    fwd = compiled(model, [qformer], env.device) if cfg.compile else model
 
     def step_fn(batch, ddp_model):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step_fn.micro)  # same ITM draw on every rank

@@ -23,8 +23,8 @@ import data
 import lora
 from load_weights import load_llm, load_strict, offline_paths
 from metrics import bleu4, cider_d, shape_attribute_accuracy
-from trainer import (CheckpointError, Env, TrainConfig, freeze_to, make_optimizer, parse_config, resume, run_cli,
-                     save_weights, train, write_text)
+from trainer import (CheckpointError, Env, TrainConfig, compiled, freeze_to, make_optimizer, parse_config, resume,
+                     run_cli, save_weights, train, write_text)
 from train_qformer import build_dataset, open_feature_cache, build_stage1, load_stage1, train_batches
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -428,12 +428,8 @@ def main(argv=None):
     collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed, replay,
                             cfg.replay_ratio)
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
-    fwd = model
-    if cfg.compile and env.device.type == "cuda":
-        fwd = torch.compile(model)
-    elif cfg.compile:  # a CPU: layer by layer (seconds to compile, not minutes; EXPERIMENTS.md, speed)
-        for part in [model.llm] + ([] if cfg.freeze_qformer else [model.qformer]):
-            part.compile_layers()
+    trained = [model.llm] + ([] if cfg.freeze_qformer else [model.qformer])
+    fwd = compiled(model, trained, env.device) if cfg.compile else model
     model.train()
 
     def step_fn(batch, ddp_model):

@@ -258,6 +258,17 @@ def freeze_to(module, dtype):
     return module
 
 
+def compiled(model, parts, device):
+    """What --compile does in training: on a GPU torch.compile the whole step; on a CPU compile the trained
+    `parts` layer by layer (compile_layers: seconds to compile, not minutes; EXPERIMENTS.md, speed).
+    Returns what to call for the forward pass."""
+    if device.type == "cuda":
+        return torch.compile(model)
+    for part in parts:
+        part.compile_layers()
+    return model
+
+
 def lr_at(step, max_steps, lr, min_lr, warmup):
     """Linear warm-up, then cosine from lr down to min_lr at max_steps."""
     if step < warmup:
