@@ -102,10 +102,14 @@ def region(o):
     return "at the top" if dy < 0 else "at the bottom"
 
 
+def object_name(o):
+    return f"{o[0]} {o[1]} {o[2]}"
+
+
 def canonical(scene):
     """What a caption of this scene must say; captions of scenes with the same canonical content are equivalent."""
     objs = scene["objects"]
-    names = [f"{o[0]} {o[1]} {o[2]}" for o in objs]
+    names = [object_name(o) for o in objs]
     if len(objs) == 1:
         return f"1|{names[0]}|{region(objs[0])}"
     if len(objs) == 2:
@@ -113,6 +117,40 @@ def canonical(scene):
         return f"2|{names[a]}|{relation(objs[a], objs[b])}|{names[b]}"
     order = sorted(range(3), key=lambda i: objs[i][3])
     return "3|" + "|".join(names[i] for i in order)
+
+
+def counterfactuals(seed, index, kinds=("mirror", "swap")):
+    """Captions that are false for this scene only in how its parts go together, in the scene's own words: the
+    hard negatives ITC needs, since in-batch negatives almost never differ only there (NegCLIP's swapped
+    negatives, for the same reason). mirror: the scene mirrored left-right (or, where that changes nothing a
+    caption says, top-bottom), so a region, relation or left-to-right order is wrong; swap: two objects trade
+    their colours (or shapes, or sizes), so the attributes are bound to the wrong objects. -> [(caption, key)]:
+    none for a kind that changes nothing (one object in the middle has no mirror, one object no swap), none at
+    all where two objects look alike (their relation reads both ways)."""
+    scene = shape_scene(seed, index)
+    objs, key, state = scene["objects"], canonical(scene), scene["rng"].getstate()
+    if len({object_name(o) for o in objs}) < len(objs):
+        return []
+    variants = []
+    if "mirror" in kinds:
+        variants += [[o[:axis] + (1 - o[axis],) + o[axis + 1:] for o in objs] for axis in (3, 4)]  # x, then y
+    if "swap" in kinds and len(objs) > 1:
+        rng = random.Random(f"swap:{seed}:{index}")
+        i, j = rng.sample(range(len(objs)), 2)
+        for attr in (1, 2, 0):  # colour, shape, size
+            swapped = list(objs)
+            swapped[i] = objs[i][:attr] + (objs[j][attr],) + objs[i][attr + 1:]
+            swapped[j] = objs[j][:attr] + (objs[i][attr],) + objs[j][attr + 1:]
+            variants.append(swapped)
+    out, done = [], set()
+    for v in variants:
+        kind = "mirror" if all(a[:3] == b[:3] for a, b in zip(v, objs)) else "swap"
+        m = dict(scene, objects=v, rng=random.Random())
+        if kind not in done and canonical(m) != key:
+            m["rng"].setstate(state)  # the same draws as the scene's own caption: the same wording
+            out.append((shape_caption(m), canonical(m)))
+            done.add(kind)
+    return out
 
 
 def object_count(key):
@@ -123,7 +161,7 @@ def object_count(key):
 
 def shape_caption(scene):
     rng, objs = scene["rng"], scene["objects"]
-    name = [f"{o[0]} {o[1]} {o[2]}" for o in objs]
+    name = [object_name(o) for o in objs]
     if len(objs) == 1:
         where = region(objs[0])
         return rng.choice([f"a {name[0]} {where}", f"one {name[0]} {where}", f"there is one {name[0]} {where}",
@@ -203,6 +241,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     def caption_and_key(self, index):  # without rendering: what the feature cache needs
         scene = shape_scene(self.seed, index)
         return shape_caption(scene), canonical(shape_scene(self.seed, index))
+
+    def counterfactuals(self, index, kinds=("mirror", "swap")):
+        return counterfactuals(self.seed, index, kinds)
 
 # -----------------------------------------------------------------------------------------------------------
 # real data: WebDataset shards (streamed) and a folder of images with a captions file
@@ -513,8 +554,16 @@ class FeatureCache(torch.utils.data.Dataset):
 class Collate:
     """Stacks images, tokenizes captions (BERT tokenizer: [CLS] ... [SEP], padded), drops and counts bad samples."""
 
-    def __init__(self, tokenizer, max_len=32, pad_id=0):
+    def __init__(self, tokenizer, max_len=32, pad_id=0, negatives=None):
         self.tok, self.max_len, self.pad_id = tokenizer, max_len, pad_id
+        self.negatives = negatives  # index -> [(caption, key)]: hard-negative captions (counterfactuals)
+
+    def tokenize(self, captions):
+        enc = [e.ids[:self.max_len - 1] + e.ids[-1:] if len(e.ids) > self.max_len else e.ids
+               for e in self.tok.encode_batch(captions)]
+        T = max(len(e) for e in enc)
+        return (torch.tensor([e + [self.pad_id] * (T - len(e)) for e in enc]),
+                torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in enc]))
 
     def __call__(self, samples):
         good = [s for s in samples if s is not None]
@@ -530,11 +579,12 @@ class Collate:
         batch["key_ids"] = torch.tensor([zlib.crc32(k.encode()) for k in batch["keys"]], dtype=torch.long)
         batch["index"] = torch.tensor([s[3] for s in good])
         if self.tok is not None:
-            enc = [e.ids[:self.max_len - 1] + e.ids[-1:] if len(e.ids) > self.max_len else e.ids
-                   for e in self.tok.encode_batch(batch["captions"])]
-            T = max(len(e) for e in enc)
-            batch["input_ids"] = torch.tensor([e + [self.pad_id] * (T - len(e)) for e in enc])
-            batch["attention_mask"] = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in enc])
+            batch["input_ids"], batch["attention_mask"] = self.tokenize(batch["captions"])
+        if self.negatives is not None:
+            negs = [n for i in batch["index"].tolist() for n in self.negatives(i)]
+            ids, mask = self.tokenize([n[0] for n in negs]) if negs else (torch.zeros(0, 1, dtype=torch.long),) * 2
+            batch["neg_input_ids"], batch["neg_attention_mask"] = ids, mask  # present even when empty: DDP
+            batch["neg_key_ids"] = torch.tensor([zlib.crc32(n[1].encode()) for n in negs], dtype=torch.long)
         return batch
 
 # -----------------------------------------------------------------------------------------------------------

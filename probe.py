@@ -33,7 +33,7 @@ PROBES = {  # name: (which scenes take part, the label); objects are (size, colo
     "shape (1 object)": (one, lambda objs: objs[0][2]),
     "size (1 object)": (one, lambda objs: objs[0][0]),
     "region (1 object)": (one, lambda objs: data.region(objs[0])),
-    "relation (2 objects)": (two, lambda objs: data.relation(objs[0], objs[1])),
+    "relation (2 objects)": (two, lambda objs: data.relation(*sorted(objs, key=data.object_name))),
 }
 
 

@@ -294,13 +294,15 @@ def hard_negatives(sim, same, generator=None, offset=0, total=None):
 
 
 def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=("itc", "itm", "itg"),
-                  env=None, generator=None):
+                  env=None, generator=None, negatives=None):
     """BLIP-2's ITC, ITM and ITG on one (local) batch. key_ids: an int per sample naming its content, so that
     duplicates (the same scene, captioned alike) count as positives in ITC and are never drawn as ITM negatives.
     env (trainer.Env) gathers across DDP processes, whose local batches may differ in size; each loss is a sum
     over the local samples scaled so that DDP's average over processes is the mean over the global batch, what
     one process would compute on all of it. generator: seeds the hard-negative draw identically on every
-    process. -> {name: loss}"""
+    process. negatives: (input_ids, attention_mask, key_ids) of extra captions that ITC's image-to-text side
+    scores against every image of the global batch (hard negatives; a positive where the key matches).
+    -> {name: loss}"""
     B, out = input_ids.size(0), {}
     rank, world = (env.rank, env.world) if env is not None else (0, 1)
     sizes = env.sizes(B) if env is not None else [B]
@@ -316,9 +318,18 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
         sim_i2t = itc_similarity(img_feats, gather(txt_feat)) / qf.temp
         sim_t2i = itc_similarity(gather(img_feats), txt_feat).t() / qf.temp
         if "itc" in losses:
-            targets = same.float() / same.float().sum(1, keepdim=True)
-            ce = lambda s: F.cross_entropy(s.float(), targets, label_smoothing=0.1, reduction="sum")
-            out["itc"] = (ce(sim_i2t) + ce(sim_t2i)) / 2 * world / N
+            ce = lambda s, pos: F.cross_entropy(s.float(), pos.float() / pos.float().sum(1, keepdim=True),
+                                                label_smoothing=0.1, reduction="sum")
+            s_i2t, pos_i2t = sim_i2t, same
+            if negatives is not None:
+                n_ids, n_mask, n_keys = negatives  # as many as each process's batch has: gathered by their sizes
+                n_feat = qf.text_feature(n_ids, n_mask)
+                if env is not None:
+                    n_sizes = env.sizes(len(n_keys))
+                    n_feat, n_keys = env.gather(n_feat, n_sizes), env.gather_nograd(n_keys, n_sizes)
+                s_i2t = torch.cat([sim_i2t, itc_similarity(img_feats, n_feat) / qf.temp], dim=1)
+                pos_i2t = torch.cat([same, key_ids[:, None] == n_keys[None]], dim=1)
+            out["itc"] = (ce(s_i2t, pos_i2t) + ce(sim_t2i, same)) / 2 * world / N
     if "itm" in losses:
         all_img, all_ids, all_mask = gather_nograd(image_embeds), gather_nograd(input_ids), \
             gather_nograd(attention_mask)

