@@ -131,9 +131,9 @@ def counterfactuals(seed, index, kinds=("mirror", "swap")):
     objs, key, state = scene["objects"], canonical(scene), scene["rng"].getstate()
     if len({object_name(o) for o in objs}) < len(objs):
         return []
-    variants = []
+    variants = []  # (kind, objects), each kind's in the order tried: the first that changes the caption counts
     if "mirror" in kinds:
-        variants += [[o[:axis] + (1 - o[axis],) + o[axis + 1:] for o in objs] for axis in (3, 4)]  # x, then y
+        variants += [("mirror", [o[:axis] + (1 - o[axis],) + o[axis + 1:] for o in objs]) for axis in (3, 4)]
     if "swap" in kinds and len(objs) > 1:
         rng = random.Random(f"swap:{seed}:{index}")
         i, j = rng.sample(range(len(objs)), 2)
@@ -141,10 +141,9 @@ def counterfactuals(seed, index, kinds=("mirror", "swap")):
             swapped = list(objs)
             swapped[i] = objs[i][:attr] + (objs[j][attr],) + objs[i][attr + 1:]
             swapped[j] = objs[j][:attr] + (objs[i][attr],) + objs[j][attr + 1:]
-            variants.append(swapped)
+            variants.append(("swap", swapped))
     out, done = [], set()
-    for v in variants:
-        kind = "mirror" if all(a[:3] == b[:3] for a, b in zip(v, objs)) else "swap"
+    for kind, v in variants:
         m = dict(scene, objects=v, rng=random.Random())
         if kind not in done and canonical(m) != key:
             m["rng"].setstate(state)  # the same draws as the scene's own caption: the same wording
