@@ -68,7 +68,6 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.2, "large": 0.34}  # side as a fraction of the image
 BACKGROUNDS = [(235, 235, 235), (200, 200, 200), (120, 120, 120), (60, 60, 60), (235, 225, 200), (200, 220, 235)]
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-RELATIONS = ("left of", "right of", "above", "below")
 
 
 def shape_scene(seed, index):
@@ -166,12 +165,12 @@ def shape_caption(scene):
         return rng.choice([f"a {name[0]} {where}", f"one {name[0]} {where}", f"there is one {name[0]} {where}",
                            f"a single {name[0]} {where}"])
     if len(objs) == 2:
-        i, j = (0, 1) if rng.random() < 0.5 else (1, 0)
-        rel = relation(objs[i], objs[j])
-        rel_words = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-        return rng.choice([f"a {name[i]} {rel_words[rel]} a {name[j]}",
-                           f"two shapes: a {name[i]} {rel_words[rel]} a {name[j]}",
-                           f"there are two shapes, a {name[i]} {rel_words[rel]} a {name[j]}"])
+        # in reading order, as three objects are listed left to right: the one on the left (or on top) first, so
+        # that one picture has one right caption up to its wording, not two mirror-image sentences to choose from
+        i, j = (0, 1) if relation(objs[0], objs[1]) in ("left of", "above") else (1, 0)
+        rel = {"left of": "to the left of", "above": "above"}[relation(objs[i], objs[j])]
+        return rng.choice([f"a {name[i]} {rel} a {name[j]}", f"two shapes: a {name[i]} {rel} a {name[j]}",
+                           f"there are two shapes, a {name[i]} {rel} a {name[j]}"])
     order = sorted(range(3), key=lambda k: objs[k][3])
     listed = f"a {name[order[0]]}, a {name[order[1]]} and a {name[order[2]]}"
     return rng.choice([f"three shapes, from left to right: {listed}", f"from left to right, three shapes: {listed}",

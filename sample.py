@@ -40,6 +40,10 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the LM's dtype: auto = the machine's fastest for decoding (measured once per machine)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: seconds to compile, then "
+                   "several times the tokens/s (for long replies)")
     a = p.parse_args(argv)
 
     images = []
@@ -65,9 +69,14 @@ def main(argv=None):
         model, meta = load_vlm(ckpt, a.device)
     except (FileNotFoundError, ConnectionError, CheckpointError, WeightLoadError) as e:
         fail(str(e))
+    from trainer import fastest_dtype
+    dev = torch.device(a.device)
+    model.for_decoding(getattr(torch, fastest_dtype(dev, "decode") if a.dtype == "auto" else a.dtype))
+    if a.compile:
+        model.llm.compile_decode("reduce-overhead", whole=True) if dev.type == "cuda" else model.llm.compile_decode()
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-              generator=gen)
+              generator=gen, fast=a.compile)  # static shapes: what compiles; eager, the growing cache is faster
     stream = len(images) <= 1  # one row: print the text as it comes (a caption stays one line on stdout)
     if stream:
         ids, shown = [], ""

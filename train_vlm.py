@@ -142,6 +142,16 @@ class VLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[where])
 
     @torch.no_grad()
+    def for_decoding(self, dtype):
+        """Inference only, as sample.py runs it: the adapters folded into the LM's weights (no LoRA products per
+        token; merged in fp32, then rounded once) and the LM stored in dtype, the machine's fastest for decoding
+        (trainer.fastest_dtype: bf16 matrix-vector products beat fp32 even where bf16 is emulated). The ViT and
+        Q-Former run once per image and stay in fp32. The adapters cannot be switched off afterwards."""
+        lora.merge_lora(self.llm)
+        self.llm.to(dtype)
+        return self
+
+    @torch.no_grad()
     def generate_ids(self, pixel_values=None, prompts=None, **kw):
         """New token ids [B, n] for a batch (images optional: text-only chat when None); rows that finished
         early are padded with <|im_end|>."""
