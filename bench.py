@@ -297,7 +297,7 @@ def bench_decode(cfg, env, results, compile_, base_dtypes):
     dt = getattr(torch, cfg.decode_dtype if cfg.decode_dtype != "auto" else fastest_dtype(dev, "decode"))
     ours = Llama(LlamaConfig()).to(dev, dt).eval()
     if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)
-        ours.compile_decode("reduce-overhead", whole=True) if dev.type == "cuda" else ours.compile_decode()
+        ours.compile_decode()
     setups = {}  # the baseline's set-ups: name -> (model, autocast dtype)
     if cfg.baseline:
         from transformers import LlamaForCausalLM

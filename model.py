@@ -361,16 +361,15 @@ class Llama(nn.Module):
         self._layer = torch.compile(train_layer)
         return self
 
-    def compile_decode(self, mode=None, whole=False):
-        """torch.compile the decode step. Per layer (default) one graph serves all the identical layers, so
-        compiling takes seconds instead of minutes on a CPU; whole=True compiles the full step as one graph,
-        which mode='reduce-overhead' then replays as one CUDA graph per token (launches are what limits
-        batch-1 decoding on a GPU)."""
-        kw = {"mode": mode} if mode else matvec_options()  # torch.compile takes a mode or options, not both
-        if whole:
-            self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
+    def compile_decode(self):
+        """torch.compile the decode step for the device the weights are on. On a GPU the full step as one graph,
+        replayed as one CUDA graph per token (mode='reduce-overhead': launches are what limits batch-1 decoding
+        there); on a CPU per layer: one graph serves all the identical layers, so it compiles in seconds where the
+        whole step takes minutes."""
+        if self.lm_head.weight.is_cuda:
+            self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            self._decode_layer = torch.compile(call_layer, fullgraph=True, dynamic=False, **kw)
+            self._decode_layer = torch.compile(call_layer, fullgraph=True, dynamic=False, **matvec_options())
         return self
 
     @torch.no_grad()

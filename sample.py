@@ -73,7 +73,7 @@ def main(argv=None):
     dev = torch.device(a.device)
     model.for_decoding(getattr(torch, fastest_dtype(dev, "decode") if a.dtype == "auto" else a.dtype))
     if a.compile:
-        model.llm.compile_decode("reduce-overhead", whole=True) if dev.type == "cuda" else model.llm.compile_decode()
+        model.llm.compile_decode()
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               generator=gen, fast=a.compile)  # static shapes: what compiles; eager, the growing cache is faster

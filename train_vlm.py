@@ -144,9 +144,9 @@ class VLM(nn.Module):
     @torch.no_grad()
     def for_decoding(self, dtype):
         """Inference only, as sample.py runs it: the adapters folded into the LM's weights (no LoRA products per
-        token; merged in fp32, then rounded once) and the LM stored in dtype, the machine's fastest for decoding
-        (trainer.fastest_dtype: bf16 matrix-vector products beat fp32 even where bf16 is emulated). The ViT and
-        Q-Former run once per image and stay in fp32. The adapters cannot be switched off afterwards."""
+        token; merged in fp32, then rounded once) and the LM stored in dtype (sample.py: the one
+        trainer.fastest_dtype measures fastest for decoding). The ViT and Q-Former run once per image and stay in
+        fp32. The adapters cannot be switched off afterwards."""
         lora.merge_lora(self.llm)
         self.llm.to(dtype)
         return self
