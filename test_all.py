@@ -1256,8 +1256,8 @@ def test_fastest_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert trainer.fastest_dtype(cpu, "train") == "float32" and len(calls) == 4  # kept: no second measurement
     known = json.load(open(tmp_path / "tinyblip" / "dtypes.json"))
     (key, answers), = known.items()
-    assert trainer.cpu_info()["cpu"] in key and torch.__version__ in key and answers == {"train": "float32",
-                                                                                          "decode": "bfloat16"}
+    assert trainer.cpu_info()["cpu"] in key and torch.__version__ in key and f"probes v{trainer.PROBE_VERSION}" in key
+    assert answers == {"train": "float32", "decode": "bfloat16"}
     monkeypatch.undo()
     for workload in trainer.PROBES:  # the real probes run, in both dtypes
         assert all(0 < trainer.probe(workload, dt, reps=1) < 10 for dt in (torch.float32, torch.bfloat16))

@@ -184,41 +184,49 @@ def cpu_info():
     return {"cpu": name, "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
 
 
-# What each workload multiplies: the LM's linear shapes (in, out) and the rows per product. Training (a stage-2
-# batch's rows, forward + backward) is compute-bound; decoding one row per sequence streams every weight from
-# memory, so its probe holds more weights than a CPU's caches (8 layers: 57 MB in bf16). The prompt is read in
-# the decoding dtype: the weights are stored once.
+# What each workload multiplies: the LM's linear shapes (in, out), and per workload its passes as (rows, times).
+# Training (a stage-2 batch's rows, forward + backward) is compute-bound. Decoding is what sample.py does for a
+# caption: read a prompt (compute-bound: many rows per weight) and then write a reply one row at a time (each
+# pass streams every weight from memory); both run in one dtype, since the weights are stored once. The two can
+# disagree: on a CPU whose bf16 products are slower than fp32 ones but whose bf16 weights stream faster, the
+# one-row passes alone would pick bf16 and the prompt would pay for it. 8 layers' weights (57 MB in bf16) are
+# more than a CPU's caches hold, as the LM's 30 are.
 LM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # q|k|v, o, gate|up, down
-PROBES = {"train": (160, 2), "decode": (1, 8)}  # (rows, layers)
+PROBES = {"train": ([(160, 1)], 2), "decode": ([(64, 1), (1, 16)], 8)}  # ([(rows, times)], layers)
+PROBE_VERSION = 2  # in the cache key: an answer measured by another probe is measured again
 
 
 def probe(workload, dt, reps=3):
-    """Seconds for one pass of `workload` (the best of reps) with frozen weights stored in dt, as freeze_to
+    """Seconds for one run of `workload` (the best of reps) with frozen weights stored in dt, as freeze_to
     stores them, and activations under autocast to dt, as the training and decoding code run them."""
-    rows, layers = PROBES[workload]
+    passes, layers = PROBES[workload]
     train = workload == "train"
     ws = [torch.randn(o, i).to(dt) for _ in range(layers) for i, o in LM_LINEARS]
-    xs = {i: torch.randn(rows, i, requires_grad=train) for i, _ in LM_LINEARS}
+    xs = {(rows, i): torch.randn(rows, i, requires_grad=train) for rows, _ in passes for i, _ in LM_LINEARS}
     times = []
-    for _ in range(1 + reps):  # the first pass is untimed: allocator, kernel selection
+    for _ in range(1 + reps):  # the first run is untimed: allocator, kernel selection
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32), torch.set_grad_enabled(train):
-            out = sum(F.linear(xs[w.shape[1]], w).float().sum() for w in ws)
-        if train:
-            out.backward()
+            for rows, n in passes:
+                for _ in range(n):
+                    out = sum(F.linear(xs[rows, w.shape[1]], w).float().sum() for w in ws)
+                    if train:
+                        out.backward()
         times.append(time.perf_counter() - t)
     return min(times[1:])
 
 
 def fastest_dtype(device, workload="train"):
     """bf16 on GPUs. On a CPU it depends on the CPU: without bf16 units bf16 products are emulated (several
-    times slower than fp32 for training), with them they are ~2x faster; memory-bound decoding may gain from
-    half-width weights either way. So it is measured, per workload, at the LM's shapes (PROBES), once per
-    machine: the answer is kept in $XDG_CACHE_HOME/tinyblip/dtypes.json under the CPU, torch and thread count."""
+    times slower than fp32 for training); with them they are ~2x faster on some CPUs and slower on others (a
+    Xeon with avx512_bf16 but no AMX); memory-bound one-row decoding may gain from half-width weights either way.
+    So it is measured, per workload, at the LM's shapes (PROBES), once per machine: the answer is kept in
+    $XDG_CACHE_HOME/tinyblip/dtypes.json under the CPU, torch, thread count and probe version."""
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     info = cpu_info()
-    key = f"{info['cpu']} [{' '.join(info['cpu_flags'])}] torch {torch.__version__}, {torch.get_num_threads()} threads"
+    key = (f"{info['cpu']} [{' '.join(info['cpu_flags'])}] torch {torch.__version__}, {torch.get_num_threads()} "
+           f"threads, probes v{PROBE_VERSION}")
     path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                         "tinyblip", "dtypes.json")
     try:
