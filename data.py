@@ -503,20 +503,39 @@ def photo_paths():
 
 class StepSampler(torch.utils.data.Sampler):
     """Indices of micro-batch `start`, `start`+1, ... forever: one seeded permutation per epoch, each global
-    batch split across DDP ranks. Resuming at a step is exact and costs nothing (no samples are read)."""
+    batch split across DDP ranks. Resuming at a step is exact and costs nothing (no samples are read).
+    lengths (one per index; optional): within each window of `group` global batches of the permutation, samples
+    of similar length are batched together and the window's batches are then shuffled, so that a batch pads
+    little (right padding is computed like any other token: a fifth of stage 2's tokens were padding)."""
 
-    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0):
+    def __init__(self, n, batch_size, seed=0, rank=0, world=1, start=0, lengths=None, group=16):
         self.n, self.b, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.lengths, self.group = lengths, group
         assert n >= batch_size * world, f"dataset of {n} is smaller than one global batch ({batch_size * world})"
+        assert lengths is None or len(lengths) == n
+
+    def epoch_order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return perm
+        gb, lengths = self.b * self.world, torch.as_tensor(self.lengths)
+        out = []
+        for lo in range(0, self.n - self.n % gb, gb * self.group):
+            window = perm[lo:min(lo + gb * self.group, self.n - self.n % gb)]
+            window = window[torch.sort(lengths[window], stable=True).indices]
+            batches = window.view(-1, gb)
+            out.append(batches[torch.randperm(len(batches), generator=g)].flatten())
+        return torch.cat(out)
 
     def __iter__(self):
-        per_epoch, m, epoch, perm = self.n // (self.b * self.world), self.start, None, None
+        per_epoch, m, epoch, order = self.n // (self.b * self.world), self.start, None, None
         while True:
             e, k = divmod(m, per_epoch)
             if e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+                epoch, order = e, self.epoch_order(e)
             lo = (k * self.world + self.rank) * self.b
-            yield from perm[lo:lo + self.b].tolist()
+            yield from order[lo:lo + self.b].tolist()
             m += 1
 
 
@@ -535,6 +554,9 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.ds)
+
+    def caption_and_key(self, i):
+        return self.ds.caption_and_key(i)
 
     def __getitem__(self, i):
         if self.filled[i]:

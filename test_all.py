@@ -938,6 +938,32 @@ def test_stage2_replay_rows_are_text_only_chat(smol_tok):
     assert len(only_text["pixel_values"]) == 0 and torch.isfinite(m(only_text))
 
 
+
+def test_stage2_batches_by_length_pad_less_and_resume_exactly(smol_tok):
+    """StepSampler with lengths: every index once per epoch, the batches of a window much less padded than a
+    plain permutation's, resuming at a step gives the same batches, and two DDP ranks split each global batch;
+    Stage2Collate.lengths are the rows' unpadded lengths, replayed text-only rows included."""
+    ds = data.ShapesDataset("train", length=512)
+    replay = [(q, smol_tok.encode("Fine.").ids + [2]) for q in train_vlm.REPLAY_QUESTIONS[:4]]
+    collate = train_vlm.Stage2Collate(smol_tok, 16, 48, seed=3, replay=replay, replay_ratio=0.125)
+    lengths = collate.lengths(ds)
+    rows = collate([(torch.zeros(3, 8, 8), *ds.caption_and_key(i), i) for i in range(24)])
+    assert [int((t != -100).nonzero().max()) + 2 for t in rows["targets"]] == lengths[:24]  # last label + 1
+    assert len(set(lengths)) > 5
+
+    def batches(sampler, n):
+        it, b = iter(sampler), sampler.b
+        return [[next(it) for _ in range(b)] for _ in range(n)]
+    grouped = batches(data.StepSampler(512, 8, seed=1, lengths=lengths), 64)  # one epoch
+    plain = batches(data.StepSampler(512, 8, seed=1), 64)
+    assert sorted(i for b in grouped for i in b) == list(range(512))
+    pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    assert pad(grouped) < pad(plain) / 4
+    assert batches(data.StepSampler(512, 8, seed=1, lengths=lengths, start=37), 30) == grouped[37:] + \
+        batches(data.StepSampler(512, 8, seed=1, lengths=lengths, start=64), 3)
+    ranks = [batches(data.StepSampler(512, 4, seed=1, rank=r, world=2, lengths=lengths), 10) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == grouped[:10]
+
 def test_shapes_judge_catches_mistakes():
     s = data.shape_scene(0, 4)  # two objects
     good = data.reference_captions(0, 4)[0]

@@ -169,12 +169,13 @@ def build_dataset(cfg, split, image_size, env=None):
     return sub, True
 
 
-def train_batches(cfg, ds, map_style, collate, env, start_micro):
-    """An endless iterator of micro-batches, positioned at micro-batch `start_micro` (exact resume)."""
+def train_batches(cfg, ds, map_style, collate, env, start_micro, lengths=None):
+    """An endless iterator of micro-batches, positioned at micro-batch `start_micro` (exact resume); with
+    lengths (map-style data), samples of similar length batched together."""
     kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
               pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     if map_style:
-        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro)
+        sampler = data.StepSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world, start_micro, lengths)
         yield from torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
     skip = start_micro * cfg.batch_size * env.world
     while True:  # streams: one pass per epoch; on resume skip what was consumed (reads, but exact)

@@ -203,23 +203,32 @@ class Stage2Collate:
         self.tok, self.n_image, self.max_cap, self.seed = tok, n_image, max_caption_tokens, seed
         self.replay, self.replay_ratio = replay, replay_ratio  # [(question, answer ids incl. any <|im_end|>)]
 
+    def sequence(self, caption, index):
+        """(token ids, image-placeholder mask, targets) of one sample, unpadded."""
+        rng = random.Random(f"{self.seed}:{index}")  # prompts by sample: same in any worker, on resume
+        if self.replay and rng.random() < self.replay_ratio:  # this sample becomes a text-only turn
+            question, cap = rng.choice(self.replay)
+            ids, img = prompt_ids(self.tok, question, 0)
+        else:
+            ids, img = prompt_ids(self.tok, rng.choice(USER_PROMPTS), self.n_image)
+            cap = self.tok.encode(caption).ids[:self.max_cap] + [EOS_ID]
+        targets = [-100] * (len(ids) - 1) + cap + [-100]  # position t predicts token t+1
+        return ids + cap, img + [False] * len(cap), targets
+
+    def lengths(self, ds):
+        """Every sample's sequence length, for batching by length (map-style data that can give its captions
+        without decoding the images; else None)."""
+        if not hasattr(ds, "caption_and_key"):
+            return None
+        return [len(self.sequence(ds.caption_and_key(i)[0], i)[0]) for i in range(len(ds))]
+
     def __call__(self, samples):
         good = [s for s in samples if s is not None]
         batch = {"skipped": len(samples) - len(good)}
         if not good:
             return batch
-        seqs, with_image = [], []
-        for _, caption, _, index in good:
-            rng = random.Random(f"{self.seed}:{index}")  # prompts by sample: same in any worker, on resume
-            if self.replay and rng.random() < self.replay_ratio:  # this sample becomes a text-only turn
-                question, cap = rng.choice(self.replay)
-                ids, img = prompt_ids(self.tok, question, 0)
-            else:
-                ids, img = prompt_ids(self.tok, rng.choice(USER_PROMPTS), self.n_image)
-                cap = self.tok.encode(caption).ids[:self.max_cap] + [EOS_ID]
-            with_image.append(any(img))
-            targets = [-100] * (len(ids) - 1) + cap + [-100]  # position t predicts token t+1
-            seqs.append((ids + cap, img + [False] * len(cap), targets))
+        seqs = [self.sequence(caption, index) for _, caption, _, index in good]
+        with_image = [any(s[1]) for s in seqs]
         T = max(len(s[0]) for s in seqs)
         batch["lm_ids"] = torch.tensor([s[0] + [EOS_ID] * (T - len(s[0])) for s in seqs])
         batch["image_mask"] = torch.tensor([s[1] + [False] * (T - len(s[1])) for s in seqs])
@@ -437,7 +446,8 @@ def main(argv=None):
         warm_up_projector(model, train_ds, cfg, env)
     collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed, replay,
                             cfg.replay_ratio)
-    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
+    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum,
+                            collate.lengths(train_ds) if map_style else None)
     trained = [model.llm] + ([] if cfg.freeze_qformer else [model.qformer])
     fwd = compiled(model, trained, env.device) if cfg.compile else model
     model.train()
