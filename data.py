@@ -521,10 +521,8 @@ class StepSampler(torch.utils.data.Sampler):
             return perm
         gb, lengths = self.b * self.world, torch.as_tensor(self.lengths)
         out = []
-        for lo in range(0, self.n - self.n % gb, gb * self.group):
-            window = perm[lo:min(lo + gb * self.group, self.n - self.n % gb)]
-            window = window[torch.sort(lengths[window], stable=True).indices]
-            batches = window.view(-1, gb)
+        for window in perm[:self.n - self.n % gb].split(gb * self.group):  # whole global batches only
+            batches = window[lengths[window].sort(stable=True).indices].view(-1, gb)
             out.append(batches[torch.randperm(len(batches), generator=g)].flatten())
         return torch.cat(out)
 
