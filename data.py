@@ -238,7 +238,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def caption_and_key(self, index):  # without rendering: what the feature cache needs
         scene = shape_scene(self.seed, index)
-        return shape_caption(scene), canonical(shape_scene(self.seed, index))
+        return shape_caption(scene), canonical(scene)  # canonical reads the objects only, not the rng
 
     def counterfactuals(self, index, kinds=("mirror", "swap")):
         return counterfactuals(self.seed, index, kinds)
