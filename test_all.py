@@ -706,6 +706,36 @@ def test_stage1_exact_resume(tmp_path):
     per_count = [e[k] for k in e if k.startswith("i2t_r5_") and k.endswith("obj")]
     assert per_count and min(per_count) - 1e-6 <= e["i2t_r5"] <= max(per_count) + 1e-6, e
     assert 0.0 <= e["i2t_top1_wrong_count"] <= 1.0
+    assert 0.0 <= e["mirror_acc"] <= 1.0 and any(k.startswith("mirror_acc_") for k in e)
+
+
+def test_stage1_mirror_accuracy_pairs_each_image_with_its_own_mirror_caption():
+    """An image scores its caption 0.5 |v|^2 and its mirror caption +-|v|^2 (minus where i % 3 == 0): right
+    exactly there, for the images that have a mirror caption (one object in the middle has none)."""
+    ds, n = data.ShapesDataset("val", 60), 60
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(n, 2, 8, generator=g)
+    img[:, 1] = 0  # the other query scores 0: never above the caption, the mirror caption at 0 or above
+    txt = 0.5 * img[:, 0]
+    mirror = {ds.counterfactuals(i, ("mirror",))[0][0]: (-1 if i % 3 == 0 else 1) * img[i, 0]
+              for i in range(n) if ds.counterfactuals(i, ("mirror",))}
+    names = list(mirror)
+    feats = torch.stack([mirror[c] for c in names])
+    collate = type("C", (), {"tokenize": staticmethod(
+        lambda caps: (torch.tensor([[names.index(c)] for c in caps]), torch.ones(len(caps), 1)))})()
+    qf = type("Q", (), {"text_feature": staticmethod(lambda ids, mask: feats[ids[:, 0]])})()
+    cfg, env = type("Cfg", (), {"batch_size": 7})(), trainer.Env("cpu", "float32", 0)
+    n_obj = torch.tensor([len(data.shape_scene(ds.seed, i)["objects"]) for i in range(n)])
+    cf = lambda i: [c for c, _ in ds.counterfactuals(i, ("mirror",))]
+    dup = {c for c in mirror if sum(cf(i) == [c] for i in range(n)) > 1}  # two scenes, one mirror caption
+    index = [i for i in range(n) if not set(cf(i)) & dup][::-1]  # rows need not be in index order
+    rows = [r for r, i in enumerate(index) if cf(i)]
+    m = train_qformer.mirror_accuracy(cfg, qf, ds, collate, env, img[index], txt[index], index, n_obj[index])
+    right = [index[r] % 3 == 0 for r in rows]
+    assert len(rows) < len(index) and m["mirror_acc"] == pytest.approx(sum(right) / len(right))
+    for c in (1, 2, 3):
+        sel = [ok for r, ok in zip(rows, right) if n_obj[index[r]] == c]
+        assert m[f"mirror_acc_{c}obj"] == pytest.approx(sum(sel) / len(sel))
 
 
 def test_stage1_ddp_two_processes_equals_one(tmp_path):
@@ -992,6 +1022,26 @@ def test_linear_probe_reads_what_the_features_encode():
     assert acc < chance + 0.15
 
 
+def test_attention_probe_reads_a_relation_a_linear_probe_cannot():
+    """Two marked tokens on a 4 x 4 grid; the label is where A lies from B along the axis they differ most on
+    (as the shapes captions' relation): not linear in the flattened tokens, read by the attention probe."""
+    g = torch.Generator().manual_seed(0)
+    n, side = 1500, 4
+    x, y = 0.1 * torch.randn(n, side * side, 3, generator=g), []
+    for i in range(n):
+        a, b = torch.randperm(side * side, generator=g)[:2].tolist()
+        x[i, a, 0] += 1
+        x[i, b, 1] += 1
+        dr, dc = a // side - b // side, a % side - b % side
+        y.append((0 if dc < 0 else 1) if abs(dc) >= abs(dr) else (2 if dr < 0 else 3))
+    y = torch.tensor(y)
+    attention = probe.fit_attention_probe(x[:1200], y[:1200], 4, epochs=20)
+    linear = probe.fit_probe(x[:1200].flatten(1), y[:1200], 4)
+    acc_attention = (attention(x[1200:]) == y[1200:]).float().mean().item()
+    acc_linear = (linear(x[1200:].flatten(1)) == y[1200:]).float().mean().item()
+    assert acc_attention > 0.9 and acc_attention > acc_linear + 0.1, (acc_attention, acc_linear)
+
+
 def test_probe_scores_captions_against_the_scene():
     """probe.caption_says: every reference caption reads right on every attribute; one changed word reads wrong."""
     for i in range(60):
@@ -1026,8 +1076,9 @@ def test_sample_error_paths(tmp_path):
 def test_stage2_end_to_end_tiny_then_sample(tmp_path, smol_tok):
     """stage 1 (tiny) -> stage 2 with a tiny random LM that speaks SmolLM2's tokenizer -> sample.py."""
     run_stage1([], tmp_path, "s1")
-    res, caps = probe.main(["--qformer", str(tmp_path / "s1"), "--n_train", "90", "--n_eval", "60"])
-    assert caps == {} and all(0 <= acc <= 1 and 0 < chance <= 1 for _, acc, chance in res.values())
+    res, caps = probe.main(["--qformer", str(tmp_path / "s1"), "--n_train", "90", "--n_eval", "60", "--attention"])
+    assert caps == {} and all(0 <= acc <= 1 and 0 < chance <= 1 and 0 <= att <= 1
+                              for _, acc, chance, att in res.values())
     lm_dir = tiny_llm_dir(tmp_path, smol_tok)
     out = tmp_path / "s2"
     m = train_vlm.main(["--preset", "tiny", "--qformer", str(tmp_path / "s1"), "--llm", str(lm_dir),

@@ -185,6 +185,34 @@ def train_batches(cfg, ds, map_style, collate, env, start_micro, lengths=None):
         skip = 0
 
 
+@torch.no_grad()
+def mirror_accuracy(cfg, qf, ds, collate, env, img, txt, index, n_obj):
+    """How often a held-out image scores its own caption above its mirror image's ("... to the left of ..." with
+    the objects' order swapped, "... on the right" for "... on the left"): what ITC's mirror negatives teach, and
+    what retrieval among 1,000 captions hardly tests (a mirror caption is rarely among them). Overall and by the
+    number of objects; 0.5 is chance."""
+    rows, caps = [], []
+    for r, i in enumerate(index):
+        cf = ds.counterfactuals(i, ("mirror",))
+        if cf:
+            rows.append(r)
+            caps.append(cf[0][0])
+    if not rows:
+        return {}
+    mirror = []
+    for s in range(0, len(caps), cfg.batch_size):
+        ids, mask = collate.tokenize(caps[s:s + cfg.batch_size])
+        with env.autocast():
+            mirror.append(qf.text_feature(ids.to(env.device), mask.to(env.device)).float())
+    rows = torch.tensor(rows, device=img.device)
+    score = lambda t: torch.einsum("nqe,ne->nq", img[rows], t).max(-1).values  # ITC's pair score
+    right, n = score(txt[rows]) > score(torch.cat(mirror)), n_obj[rows]
+    out = {"mirror_acc": right.float().mean().item()}
+    for c in n.unique().tolist():
+        out[f"mirror_acc_{c}obj"] = right[n == c].float().mean().item()
+    return out
+
+
 def eval_batches(cfg, ds, collate):
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, num_workers=0)
 
@@ -201,7 +229,7 @@ def recall_at(sim, correct, ks=(1, 5, 10)):
 @torch.no_grad()
 def evaluate(cfg, model, ds, collate, env):
     qf, losses = model.qformer, cfg.losses.split(",")
-    img_feats, txt_feats, embeds, ids, masks, keys, itg = [], [], [], [], [], [], []
+    img_feats, txt_feats, embeds, ids, masks, keys, itg, index = [], [], [], [], [], [], [], []
     for batch in eval_batches(cfg, ds, collate):
         if "captions" not in batch:
             continue
@@ -216,6 +244,7 @@ def evaluate(cfg, model, ds, collate, env):
         ids += list(i_)
         masks += list(m_)
         keys += batch["keys"]
+        index += batch["index"].tolist()
     img, txt = torch.cat(img_feats), torch.cat(txt_feats)
     sim = itc_similarity(img, txt)  # [images, texts]
     uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
@@ -234,6 +263,8 @@ def evaluate(cfg, model, ds, collate, env):
             m[f"i2t_r5_{c}obj"] = recall_at(sim[sel], correct[sel], (5,))[5]
             m[f"t2i_r5_{c}obj"] = recall_at(sim.t()[sel], correct.t()[sel], (5,))[5]
         m["i2t_top1_wrong_count"] = (n_obj[sim.argmax(1)] != n_obj).float().mean().item()
+        if hasattr(ds, "counterfactuals"):
+            m.update(mirror_accuracy(cfg, qf, ds, collate, env, img, txt, index, n_obj))
     p = correct.float().mean(1)  # chance: a random ranking's R@K
     m["chance_r1"], m["chance_r5"] = p.mean().item(), (1 - (1 - p) ** 5).mean().item()
     if "itm" in losses:
