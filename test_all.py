@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models
 import lora
 from load_weights import WeightLoadError, load_llm, load_qformer, load_vit, offline_paths, load_bert_tokenizer
 from model import KVCache, Llama, LlamaConfig, ViT, ViTConfig, matvec_options, sample_next
-from qformer import QFormerConfig, QFormer, bidirectional_mask, multimodal_causal_mask
+from qformer import QFormerConfig, QFormer, bidirectional_mask, itc_similarity, multimodal_causal_mask
 
 transformers = pytest.importorskip("transformers")  # parity needs the reference; CI installs it
 ATOL = 1e-4
@@ -730,7 +730,8 @@ def test_stage1_mirror_accuracy_pairs_each_image_with_its_own_mirror_caption():
     dup = {c for c in mirror if sum(cf(i) == [c] for i in range(n)) > 1}  # two scenes, one mirror caption
     index = [i for i in range(n) if not set(cf(i)) & dup][::-1]  # rows need not be in index order
     rows = [r for r, i in enumerate(index) if cf(i)]
-    m = train_qformer.mirror_accuracy(cfg, qf, ds, collate, env, img[index], txt[index], index, n_obj[index])
+    own = itc_similarity(img[index], txt[index]).diagonal()
+    m = train_qformer.mirror_accuracy(cfg, qf, ds, collate, env, img[index], own, index, n_obj[index])
     right = [index[r] % 3 == 0 for r in rows]
     assert len(rows) < len(index) and m["mirror_acc"] == pytest.approx(sum(right) / len(right))
     for c in (1, 2, 3):

@@ -186,11 +186,12 @@ def train_batches(cfg, ds, map_style, collate, env, start_micro, lengths=None):
 
 
 @torch.no_grad()
-def mirror_accuracy(cfg, qf, ds, collate, env, img, txt, index, n_obj):
+def mirror_accuracy(cfg, qf, ds, collate, env, img, own, index, n_obj):
     """How often a held-out image scores its own caption above its mirror image's ("... to the left of ..." with
     the objects' order swapped, "... on the right" for "... on the left"): what ITC's mirror negatives teach, and
     what retrieval among 1,000 captions hardly tests (a mirror caption is rarely among them). Overall and by the
-    number of objects; 0.5 is chance."""
+    number of objects; 0.5 is chance. own: each image's ITC score for its own caption (the diagonal of evaluate's
+    similarities)."""
     rows, caps = [], []
     for r, i in enumerate(index):
         cf = ds.counterfactuals(i, ("mirror",))
@@ -205,8 +206,7 @@ def mirror_accuracy(cfg, qf, ds, collate, env, img, txt, index, n_obj):
         with env.autocast():
             mirror.append(qf.text_feature(ids.to(env.device), mask.to(env.device)).float())
     rows = torch.tensor(rows, device=img.device)
-    score = lambda t: torch.einsum("nqe,ne->nq", img[rows], t).max(-1).values  # ITC's pair score
-    right, n = score(txt[rows]) > score(torch.cat(mirror)), n_obj[rows]
+    right, n = own[rows] > itc_similarity(img[rows], torch.cat(mirror)).diagonal(), n_obj[rows]
     out = {"mirror_acc": right.float().mean().item()}
     for c in n.unique().tolist():
         out[f"mirror_acc_{c}obj"] = right[n == c].float().mean().item()
@@ -264,7 +264,7 @@ def evaluate(cfg, model, ds, collate, env):
             m[f"t2i_r5_{c}obj"] = recall_at(sim.t()[sel], correct.t()[sel], (5,))[5]
         m["i2t_top1_wrong_count"] = (n_obj[sim.argmax(1)] != n_obj).float().mean().item()
         if hasattr(ds, "counterfactuals"):
-            m.update(mirror_accuracy(cfg, qf, ds, collate, env, img, txt, index, n_obj))
+            m.update(mirror_accuracy(cfg, qf, ds, collate, env, img, sim.diagonal(), index, n_obj))
     p = correct.float().mean(1)  # chance: a random ranking's R@K
     m["chance_r1"], m["chance_r5"] = p.mean().item(), (1 - (1 - p) ** 5).mean().item()
     if "itm" in losses:
