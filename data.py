@@ -118,43 +118,45 @@ def canonical(scene):
     return "3|" + "|".join(names[i] for i in order)
 
 
-def counterfactuals(seed, index, kinds=("mirror", "swap")):
-    """Captions that are false for this scene only in how its parts go together, in the scene's own words: the
-    hard negatives ITC needs, since in-batch negatives almost never differ only there (NegCLIP's swapped
-    negatives, for the same reason). mirror: the scene mirrored left-right (or, where that changes nothing a
-    caption says, top-bottom), so a region, relation or left-to-right order is wrong; swap: two objects trade
-    their colours (or shapes, or sizes), so the attributes are bound to the wrong objects. -> [(caption, key)]:
-    none for a kind that changes nothing (one object in the middle has no mirror, one object no swap), none at
-    all where two objects look alike (their relation reads both ways)."""
+def mirror_caption(seed, index):
+    """The caption of this scene mirrored left-right (or, where that changes nothing a caption says, top-bottom),
+    in the scene's own words: false only in where things are (a region, relation or left-to-right order).
+    -> (caption, key), or None where no mirror changes the caption (one object in the middle) or two objects look
+    alike (their relation reads both ways). Stage 1 scores it against the scene's own caption (mirror_acc)."""
     scene = shape_scene(seed, index)
     objs, key, state = scene["objects"], canonical(scene), scene["rng"].getstate()
     if len({object_name(o) for o in objs}) < len(objs):
-        return []
-    variants = []  # (kind, objects), each kind's in the order tried: the first that changes the caption counts
-    if "mirror" in kinds:
-        variants += [("mirror", [o[:axis] + (1 - o[axis],) + o[axis + 1:] for o in objs]) for axis in (3, 4)]
-    if "swap" in kinds and len(objs) > 1:
-        rng = random.Random(f"swap:{seed}:{index}")
-        i, j = rng.sample(range(len(objs)), 2)
-        for attr in (1, 2, 0):  # colour, shape, size
-            swapped = list(objs)
-            swapped[i] = objs[i][:attr] + (objs[j][attr],) + objs[i][attr + 1:]
-            swapped[j] = objs[j][:attr] + (objs[i][attr],) + objs[j][attr + 1:]
-            variants.append(("swap", swapped))
-    out, done = [], set()
-    for kind, v in variants:
-        m = dict(scene, objects=v, rng=random.Random())
-        if kind not in done and canonical(m) != key:
+        return None
+    for axis in (3, 4):
+        m = dict(scene, objects=[o[:axis] + (1 - o[axis],) + o[axis + 1:] for o in objs], rng=random.Random())
+        if canonical(m) != key:
             m["rng"].setstate(state)  # the same draws as the scene's own caption: the same wording
-            out.append((shape_caption(m), canonical(m)))
-            done.add(kind)
-    return out
+            return shape_caption(m), canonical(m)
+    return None
 
 
 def object_count(key):
     """How many objects a shapes key (canonical()) names; None for any other key (a real caption)."""
     head, bar, _ = key.partition("|")
     return int(head) if bar and head in ("1", "2", "3") else None
+
+
+SLOT_WORDS = (*SIZES, *COLOURS, *SHAPES, "left", "right", "top", "bottom", "middle", "above")
+
+
+def slot_words(key):
+    """What a shapes caption says, one word per slot in reading order (the caption's own order): each object's
+    size, colour and shape, and the region word (one object) or relation word (two objects, between them).
+    None for any other key (a real caption)."""
+    n, parts = object_count(key), key.split("|")[1:]
+    if n == 1:
+        return parts[0].split() + parts[1].split()[-1:]  # "on the left" -> left
+    if n == 2:
+        a, rel, b = parts  # canonical(): a is the object whose name sorts first
+        if rel in ("right of", "below"):
+            a, b, rel = b, a, {"right of": "left of", "below": "above"}[rel]
+        return a.split() + rel.split()[:1] + b.split()
+    return " ".join(parts).split() if n == 3 else None
 
 
 def shape_caption(scene):
@@ -240,8 +242,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = shape_scene(self.seed, index)
         return shape_caption(scene), canonical(scene)  # canonical reads the objects only, not the rng
 
-    def counterfactuals(self, index, kinds=("mirror", "swap")):
-        return counterfactuals(self.seed, index, kinds)
+    def mirror_caption(self, index):
+        return mirror_caption(self.seed, index)
 
 # -----------------------------------------------------------------------------------------------------------
 # real data: WebDataset shards (streamed) and a folder of images with a captions file
@@ -572,9 +574,12 @@ class FeatureCache(torch.utils.data.Dataset):
 class Collate:
     """Stacks images, tokenizes captions (BERT tokenizer: [CLS] ... [SEP], padded), drops and counts bad samples."""
 
-    def __init__(self, tokenizer, max_len=32, pad_id=0, negatives=None):
+    def __init__(self, tokenizer, max_len=32, pad_id=0, slots=0):
         self.tok, self.max_len, self.pad_id = tokenizer, max_len, pad_id
-        self.negatives = negatives  # index -> [(caption, key)]: hard-negative captions (counterfactuals)
+        self.slots = slots  # >0: slot_ids [B, slots], the slot words' token ids, [PAD] after the last
+        if slots:  # the token ids a slot can hold: [PAD] and every word slot_words() says
+            self.slot_vocab = torch.tensor(sorted({pad_id} | {i for w in SLOT_WORDS for i in
+                                                               tokenizer.encode(w, add_special_tokens=False).ids}))
 
     def tokenize(self, captions):
         enc = [e.ids[:self.max_len - 1] + e.ids[-1:] if len(e.ids) > self.max_len else e.ids
@@ -598,11 +603,12 @@ class Collate:
         batch["index"] = torch.tensor([s[3] for s in good])
         if self.tok is not None:
             batch["input_ids"], batch["attention_mask"] = self.tokenize(batch["captions"])
-        if self.negatives is not None:
-            negs = [n for i in batch["index"].tolist() for n in self.negatives(i)]
-            ids, mask = self.tokenize([n[0] for n in negs]) if negs else (torch.zeros(0, 1, dtype=torch.long),) * 2
-            batch["neg_input_ids"], batch["neg_attention_mask"] = ids, mask  # present even when empty: DDP
-            batch["neg_key_ids"] = torch.tensor([zlib.crc32(n[1].encode()) for n in negs], dtype=torch.long)
+        if self.slots:
+            ids = [[i for w in slot_words(k) for i in self.tok.encode(w, add_special_tokens=False).ids]
+                   for k in batch["keys"]]
+            if max(map(len, ids)) > self.slots:
+                raise ValueError(f"a scene has {max(map(len, ids))} slot words, more than the {self.slots} queries")
+            batch["slot_ids"] = torch.tensor([(x + [self.pad_id] * self.slots)[:self.slots] for x in ids])
         return batch
 
 # -----------------------------------------------------------------------------------------------------------

@@ -167,9 +167,10 @@ class MLMHead(nn.Module):
         self.transform.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, h, word_embeddings):
+    def forward(self, h, word_embeddings, vocab=None):
+        """vocab: the ids of word_embeddings' rows, where they are a subset of the vocabulary."""
         h = self.transform.LayerNorm(F.gelu(self.transform.dense(h)))
-        return F.linear(h, word_embeddings, self.bias)
+        return F.linear(h, word_embeddings, self.bias if vocab is None else self.bias[vocab])
 
 
 def run_layer(layer, *args):
@@ -234,9 +235,10 @@ class QFormer(nn.Module):
         with fp32(h):
             return F.normalize(self.text_proj(h.float()), dim=-1)
 
-    def image_feature(self, image_embeds):
-        """The ITC image embeddings [B, 32, embed_dim], one per query, L2-normalised."""
-        h = self.encode_image(image_embeds)
+    def image_feature(self, image_embeds, h=None):
+        """The ITC image embeddings [B, 32, embed_dim], one per query, L2-normalised (h: encode_image's output,
+        where the caller has it)."""
+        h = self.encode_image(image_embeds) if h is None else h
         with fp32(h):
             return F.normalize(self.vision_proj(h.float()), dim=-1)
 
@@ -294,14 +296,16 @@ def hard_negatives(sim, same, generator=None, offset=0, total=None):
 
 
 def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=("itc", "itm", "itg"),
-                  env=None, generator=None, negatives=None):
-    """BLIP-2's ITC, ITM and ITG on one (local) batch. key_ids: an int per sample naming its content, so that
-    duplicates (the same scene, captioned alike) count as positives in ITC and are never drawn as ITM negatives.
+                  env=None, generator=None, slot_ids=None):
+    """BLIP-2's ITC, ITM and ITG on one (local) batch, and slots where the data names its scenes word by word.
+    key_ids: an int per sample naming its content, so that duplicates (the same scene, captioned alike) count as
+    positives in ITC and are never drawn as ITM negatives.
     env (trainer.Env) gathers across DDP processes, whose local batches may differ in size; each loss is a sum
     over the local samples scaled so that DDP's average over processes is the mean over the global batch, what
     one process would compute on all of it. generator: seeds the hard-negative draw identically on every
-    process. negatives: (input_ids, attention_mask, key_ids) of extra captions that ITC's image-to-text side
-    scores against every image of the global batch (hard negatives; a positive where the key matches).
+    process.
+    slot_ids [B, n_query]: for "slots", the word query k must name (its token id through the MLM head), [PAD]
+    after the last word; the first [PAD] is scored (where the scene ends), the rest are free.
     -> {name: loss}"""
     B, out = input_ids.size(0), {}
     rank, world = (env.rank, env.world) if env is not None else (0, 1)
@@ -311,25 +315,17 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
     gather_nograd = (lambda x: env.gather_nograd(x, sizes)) if env is not None else (lambda x: x)
     all_keys = gather_nograd(key_ids)
     same = key_ids[:, None] == all_keys[None]  # [B, N]: positives (the pair itself included)
+    h_query = qf.encode_image(image_embeds) if "itc" in losses or "itm" in losses or "slots" in losses else None
     if "itc" in losses or "itm" in losses:
         with torch.no_grad():
             qf.temp.clamp_(0.001, 0.5)
-        img_feats, txt_feat = qf.image_feature(image_embeds), qf.text_feature(input_ids, attention_mask)
+        img_feats, txt_feat = qf.image_feature(image_embeds, h_query), qf.text_feature(input_ids, attention_mask)
         sim_i2t = itc_similarity(img_feats, gather(txt_feat)) / qf.temp
         sim_t2i = itc_similarity(gather(img_feats), txt_feat).t() / qf.temp
         if "itc" in losses:
             ce = lambda s, pos: F.cross_entropy(s.float(), pos.float() / pos.float().sum(1, keepdim=True),
                                                 label_smoothing=0.1, reduction="sum")
-            s_i2t, pos_i2t = sim_i2t, same
-            if negatives is not None:
-                n_ids, n_mask, n_keys = negatives  # as many as each process's batch has: gathered by their sizes
-                n_feat = qf.text_feature(n_ids, n_mask)
-                if env is not None:
-                    n_sizes = env.sizes(len(n_keys))
-                    n_feat, n_keys = env.gather(n_feat, n_sizes), env.gather_nograd(n_keys, n_sizes)
-                s_i2t = torch.cat([sim_i2t, itc_similarity(img_feats, n_feat) / qf.temp], dim=1)
-                pos_i2t = torch.cat([same, key_ids[:, None] == n_keys[None]], dim=1)
-            out["itc"] = (ce(s_i2t, pos_i2t) + ce(sim_t2i, same)) / 2 * world / N
+            out["itc"] = (ce(sim_i2t, same) + ce(sim_t2i, same)) / 2 * world / N
     if "itm" in losses:
         all_img, all_ids, all_mask = gather_nograd(image_embeds), gather_nograd(input_ids), \
             gather_nograd(attention_mask)
@@ -357,4 +353,14 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
         n_tokens = where.sum()
         total = (env.sum(n_tokens) if env is not None else n_tokens).clamp_min(1)
         out["itg"] = F.cross_entropy(logits.float(), labels, label_smoothing=0.1, reduction="sum") * world / total
+    if "slots" in losses:
+        # query k names the scene's k-th word: the queries must keep which object is where and in what order,
+        # which ITC against whole captions hardly asks (EXPERIMENTS.md). Scored over the words the global batch's
+        # slots hold (a sampled softmax): the 30k-wide head would cost more than the rest of the step.
+        vocab = torch.unique(gather_nograd(slot_ids))
+        logits = qf.cls.predictions(h_query, qf.embeddings.word_embeddings.weight[vocab], vocab)
+        labels = torch.searchsorted(vocab, slot_ids).masked_fill((slot_ids == 0).long().cumsum(1) > 1, -100)
+        n = (labels >= 0).sum()
+        total = (env.sum(n) if env is not None else n).clamp_min(1)
+        out["slots"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * world / total
     return out

@@ -636,34 +636,80 @@ def test_two_objects_are_named_in_reading_order():
     assert seen == {"left of", "above"}
 
 
-def test_counterfactual_captions_are_false_only_where_they_should_be():
-    """data.counterfactuals: the scene's own words, with the same objects where they are wrongly placed (mirror)
-    or with attributes on the wrong objects (swap); none where nothing changes; the collate tokenizes them beside
-    the batch."""
-    kinds = set()
+def test_mirror_captions_are_false_only_in_where_things_are():
+    """data.mirror_caption: the scene's own words, with the same objects where they are not (a region, relation
+    or left-to-right order wrong, the rest right); none where no mirror changes the caption or two objects look
+    alike."""
+    counts = set()
     for i in range(150):
         scene = data.shape_scene(0, i)
         objs = scene["objects"]
+        m = data.mirror_caption(0, i)
         alike = len({data.object_name(o) for o in objs}) < len(objs)
-        mirror, swap = data.counterfactuals(0, i, ("mirror",)), data.counterfactuals(0, i, ("swap",))
-        assert data.counterfactuals(0, i) == mirror + swap
-        if alike:
-            assert mirror == swap == []
+        middle = len(objs) == 1 and data.region(objs[0]) == "in the middle"
+        assert (m is None) == (alike or middle), i
+        if m is None:
             continue
-        assert len(mirror) == (0 if len(objs) == 1 and data.region(objs[0]) == "in the middle" else 1), i
-        assert len(swap) == (len(objs) > 1), i
-        for (caption, key), kind in [(m, "mirror") for m in mirror] + [(s, "swap") for s in swap]:
-            said = metrics.judge(caption, scene)  # colours and shapes are judged as sets: a swap keeps them
-            assert said["count"] and said["colour"] and said["shape"] and not said["exact"], (i, caption)
-            assert kind == "swap" or not said["relation"], (i, caption)
-            assert key != data.canonical(scene) and data.object_count(key) == len(objs)
-            kinds.add((kind, len(objs)))
-    assert kinds == {("mirror", 1), ("mirror", 2), ("mirror", 3), ("swap", 2), ("swap", 3)}
+        caption, key = m
+        said = metrics.judge(caption, scene)
+        assert said["count"] and said["colour"] and said["shape"] and not said["relation"], (i, caption)
+        assert key != data.canonical(scene) and data.object_count(key) == len(objs)
+        counts.add(len(objs))
+    assert counts == {1, 2, 3}
+
+
+def test_slot_words_are_the_captions_words_in_order():
+    """data.slot_words: what every caption of the scene says, one word per slot in the caption's own order (the
+    three-object captions' "from left to right" aside), whichever wording the caption drew; the collate turns
+    them into one BERT token each, [PAD] after the last."""
+    said = set(data.SLOT_WORDS)
+    for i in range(300):
+        scene = data.shape_scene(0, i)
+        words = data.slot_words(data.canonical(scene))
+        assert len(words) == {1: 4, 2: 7, 3: 9}[len(scene["objects"])]
+        for ref in data.reference_captions(0, i):
+            got = [w for w in ref.replace(",", " ").replace(":", " ").split() if w in said]
+            if len(scene["objects"]) == 3:
+                got = [w for w in got if w not in ("left", "right")]
+            assert got == words, (ref, words)
+    assert data.slot_words("a cat on a mat") is None
+    tok = load_bert_tokenizer(offline_paths()[0])
     ds = data.ShapesDataset("train", image_size=32)
-    collate = data.Collate(load_bert_tokenizer(offline_paths()[0]), negatives=ds.counterfactuals)
-    batch = collate([ds[i] for i in range(6)])
-    n = sum(len(data.counterfactuals(0, i)) for i in range(6))
-    assert batch["neg_input_ids"].shape[0] == batch["neg_attention_mask"].shape[0] == len(batch["neg_key_ids"]) == n
+    batch = data.Collate(tok, slots=10)([ds[i] for i in range(8)])
+    for ids, key in zip(batch["slot_ids"].tolist(), batch["keys"]):
+        words = data.slot_words(key)
+        assert tok.decode(ids[:len(words)]).split() == words and set(ids[len(words):]) == {0}
+    with pytest.raises(ValueError, match="slot"):
+        data.Collate(tok, slots=4)([ds[i] for i in range(8)])
+
+
+def test_slots_named_counts_an_image_right_only_if_every_scored_word_is():
+    """train_qformer.slots_named: an image counts as right when every query up to the end (the first [PAD])
+    names its word; the queries after the end are free."""
+    import types
+    vocab = torch.tensor([0, 11, 12, 13])
+    logits = torch.full((3, 4, 4), -5.0)
+    for b, row in enumerate([[1, 0, 2, 2], [1, 2, 0, 0], [3, 3, 3, 0]]):  # the column each query predicts
+        logits[b, torch.arange(4), torch.tensor(row)] = 5.0
+    qf = types.SimpleNamespace(cls=types.SimpleNamespace(predictions=lambda h, w, v: logits),
+                               embeddings=types.SimpleNamespace(word_embeddings=types.SimpleNamespace(
+                                   weight=torch.zeros(50, 8))))
+    targets = torch.tensor([[11, 0, 0, 0], [11, 13, 0, 0], [13, 13, 13, 0]])  # row 0 ends after one word
+    assert train_qformer.slots_named(qf, torch.zeros(3, 4, 8), targets, vocab).tolist() == [True, False, True]
+
+
+def test_slots_loss_scores_each_word_and_the_end_only():
+    """stage 1's slots: query k's logits (the MLM head over the batch's words) against word k; the first [PAD] is
+    scored, the ones after it are not (-100 below)."""
+    qf = tiny_qformer()
+    img, ids = torch.randn(2, 5, 24), torch.tensor([[1, 7], [1, 9]])
+    mask, keys = torch.ones(2, 2, dtype=torch.long), torch.tensor([1, 2])
+    slots = torch.tensor([[11, 12, 0, 0], [13, 11, 14, 0]])
+    got = stage1_losses(qf, img, ids, mask, keys, ("slots",), slot_ids=slots)["slots"]
+    vocab = torch.tensor([0, 11, 12, 13, 14])
+    logits = qf.cls.predictions(qf.encode_image(img), qf.embeddings.word_embeddings.weight)[..., vocab]
+    labels = torch.tensor([[1, 2, 0, -100], [3, 1, 4, 0]])
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
 
 
 def test_itg_labels_and_loss_by_hand():
@@ -717,8 +763,8 @@ def test_stage1_mirror_accuracy_pairs_each_image_with_its_own_mirror_caption():
     img = torch.randn(n, 2, 8, generator=g)
     img[:, 1] = 0  # the other query scores 0: never above the caption, the mirror caption at 0 or above
     txt = 0.5 * img[:, 0]
-    mirror = {ds.counterfactuals(i, ("mirror",))[0][0]: (-1 if i % 3 == 0 else 1) * img[i, 0]
-              for i in range(n) if ds.counterfactuals(i, ("mirror",))}
+    mirror = {ds.mirror_caption(i)[0]: (-1 if i % 3 == 0 else 1) * img[i, 0]
+              for i in range(n) if ds.mirror_caption(i)}
     names = list(mirror)
     feats = torch.stack([mirror[c] for c in names])
     collate = type("C", (), {"tokenize": staticmethod(
@@ -726,7 +772,7 @@ def test_stage1_mirror_accuracy_pairs_each_image_with_its_own_mirror_caption():
     qf = type("Q", (), {"text_feature": staticmethod(lambda ids, mask: feats[ids[:, 0]])})()
     cfg, env = type("Cfg", (), {"batch_size": 7})(), trainer.Env("cpu", "float32", 0)
     n_obj = torch.tensor([len(data.shape_scene(ds.seed, i)["objects"]) for i in range(n)])
-    cf = lambda i: [c for c, _ in ds.counterfactuals(i, ("mirror",))]
+    cf = lambda i: [ds.mirror_caption(i)[0]] if ds.mirror_caption(i) else []
     dup = {c for c in mirror if sum(cf(i) == [c] for i in range(n)) > 1}  # two scenes, one mirror caption
     index = [i for i in range(n) if not set(cf(i)) & dup][::-1]  # rows need not be in index order
     rows = [r for r, i in enumerate(index) if cf(i)]
@@ -939,6 +985,14 @@ def test_stage2_cached_queries_and_projector_warm_up(tmp_path, smol_tok):
         after = train_vlm.word_loss(m, feats, caps, extra).item()
     assert after < 0.8 * before, (before, after)
     assert all(torch.equal(v, m.llm.state_dict()[k]) for k, v in lm_before.items())  # only the projector moved
+    # after a stage 1 with slots: each projected query must read as its slot's word (the first 4 of each scene here)
+    ids = [[smol_tok.encode(" " + w).ids[0] for w in data.slot_words(cache[i][2])][:4] for i in range(12)]
+    with torch.no_grad():
+        before = train_vlm.slot_loss(m, feats, ids, extra).item()
+    train_vlm.warm_up_projector(m, cache, cfg, env, vocab_sample=500, slots=True)
+    with torch.no_grad():
+        after = train_vlm.slot_loss(m, feats, ids, extra).item()
+    assert after < 0.5 * before, (before, after)
 
 
 def test_stage2_replay_rows_are_text_only_chat(smol_tok):
@@ -1202,11 +1256,14 @@ def test_real_pictures_splits_captions_and_scoring(real_pictures, tmp_path, smol
 
 
 def test_stage1_feature_cache_in_training(tmp_path):
-    # 2 steps an epoch: epoch 2 reads the ViT features from disk; the counterfactual captions come from the dataset
+    # 2 steps an epoch: epoch 2 reads the ViT features from disk; the slot words come from the dataset
     rows, out = run_stage1(["--cache_features", "--n_train", "16", "--max_steps", "4", "--eval_interval", "4",
-                            "--hard_negatives", "mirror,swap"], tmp_path, "cache")
+                            "--losses", "itc,slots", "--num_query_tokens", "10"], tmp_path, "cache")
     filled = np.load(out / "vit_cache.filled", mmap_mode="r")
-    assert filled.all() and all(np.isfinite(r["itc"]) for r in rows if "itc" in r)
+    assert filled.all() and all(np.isfinite(r["itc"]) and np.isfinite(r["slots"]) for r in rows if "itc" in r)
+    assert all(0 <= r["slots_exact"] <= 1 and "slots_exact_1obj" in r for r in rows if "i2t_r1" in r)
+    with pytest.raises(AssertionError, match="slot words"):
+        run_stage1(["--data", "real", "--losses", "itc,slots"], tmp_path, "real")
 
 
 def test_text_only_prompt_is_the_chat_template(smol_tok):
@@ -1800,29 +1857,20 @@ def _unequal_batches_worker(rank, port, out):
 
 
 def _unequal_cases():
-    """{name: (loss(model, rows, env), model)} for stage 1's three losses and stage 2's caption loss."""
+    """{name: (loss(model, rows, env), model)} for stage 1's four losses and stage 2's caption loss."""
     g = torch.Generator().manual_seed(0)
     img, ids = torch.randn(8, 5, 24, generator=g), torch.randint(2, 50, (8, 7), generator=g)
     mask = torch.ones(8, 7, dtype=torch.long)
     mask[2, 4:], mask[6, 5:] = 0, 0
     keys = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])  # a duplicate across the two processes' halves
 
+    slots = torch.randint(1, 50, (8, 4), generator=g)
+    slots[1, 2:], slots[5, 1:], slots[6, 3] = 0, 0, 0  # rows that end early: only their first [PAD] is scored
+
     def stage1(qf, rows, env):
-        out = stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc", "itm", "itg"), env,
-                            torch.Generator().manual_seed(1))
+        out = stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc", "itm", "itg", "slots"), env,
+                            torch.Generator().manual_seed(1), slot_ids=slots[rows])
         return sum(out.values())
-
-    # hard negatives (ITC, image to text): rows 1, 4, 7 have none; row 5's is image 0's content, a positive for it
-    has = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0]).bool()
-    neg_ids, neg_mask = torch.randint(2, 50, (8, 6), generator=g), torch.ones(8, 6, dtype=torch.long)
-    neg_mask[3, 4:] = 0
-    neg_keys = torch.tensor([10, 11, 12, 13, 14, 0, 16, 17])
-
-    def stage1_negatives(qf, rows, env):
-        r = torch.arange(8)[rows]
-        r = r[has[r]]
-        return stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc",), env, None,
-                             (neg_ids[r], neg_mask[r], neg_keys[r]))["itc"]
 
     vlm = tiny_vlm_for_ddp()
     collate = train_vlm.Stage2Collate(vlm.tok, 4, 16)
@@ -1834,8 +1882,7 @@ def _unequal_cases():
         part = {k: batch[k][rows] for k in ("lm_ids", "image_mask", "targets", "pixel_values")}
         return train_vlm.caption_loss(model, part, env)
 
-    return {"stage1": (stage1, tiny_qformer().train()), "stage1_negatives": (stage1_negatives, tiny_qformer().train()),
-            "stage2": (stage2, vlm)}
+    return {"stage1": (stage1, tiny_qformer().train()), "stage2": (stage2, vlm)}
 
 
 def tiny_vlm_for_ddp():
@@ -1846,7 +1893,7 @@ def tiny_vlm_for_ddp():
 
 def test_ddp_unequal_local_batches_give_the_global_loss(tmp_path):
     """Two processes holding 3 and 5 samples of a batch of 8 (a skipped sample, a stream's end): the loss, and
-    the gradient DDP averages, equal one process's on all 8, for stage 1 (ITC, ITM, ITG) and stage 2."""
+    the gradient DDP averages, equal one process's on all 8, for stage 1 (ITC, ITM, ITG, slots) and stage 2."""
     out = tmp_path / "ddp.pt"
     torch.multiprocessing.spawn(_unequal_batches_worker, args=(free_port(), str(out)), nprocs=2)
     ddp = torch.load(out)

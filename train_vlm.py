@@ -265,37 +265,64 @@ def fill_cache(model, cache, env, batch_size=256):
               "are read from the cache from now on")
 
 
-def word_loss(model, feats, caps, extra):
-    """The projector warm-up's loss: each projected image token's dot products with the LM's (tied) word
-    embeddings are logits, and the caption's tokens must be likely under the mixture of the image's tokens.
-    The softmax runs over the batch's caption tokens and the `extra` token ids only (no 49k-wide softmax).
-    feats: cached query outputs [B, Q, H]; caps: lists of token ids."""
+def word_logits(model, feats, ids, extra):
+    """Each projected image token's dot products with the LM's (tied) word embeddings: logits over the words in
+    `ids` (lists of token ids) and the `extra` ids only, no 49k-wide softmax; in fp32.
+    feats: cached query outputs [B, Q, H]. -> (logits [B, Q, C], where: token id -> column)"""
     emb = model.llm.model.embed_tokens.weight.detach()
-    cand = torch.cat([torch.tensor([t for c in caps for t in c], dtype=torch.long), extra]).unique()
+    cand = torch.cat([torch.tensor([t for c in ids for t in c], dtype=torch.long), extra]).unique()
     where = torch.full((emb.size(0),), -1, dtype=torch.long)
     where[cand] = torch.arange(len(cand))
     x = model.image_embeds(feats)  # [B, Q, D]
-    with torch.autocast(x.device.type, enabled=False):  # a softmax over thousands of words: fp32
-        logp = (x.float() @ emb[cand.to(emb.device)].float().t()).log_softmax(-1)  # [B, Q, C]
-    mix = torch.logsumexp(logp, dim=1) - math.log(x.size(1))  # log of the mixture over the image's tokens
+    with torch.autocast(x.device.type, enabled=False):
+        return x.float() @ emb[cand.to(emb.device)].float().t(), where
+
+
+def word_loss(model, feats, caps, extra):
+    """The projector warm-up's loss: the caption's tokens (caps: lists of ids) must be likely under the mixture of
+    the image tokens' softmaxes over the words."""
+    logits, where = word_logits(model, feats, caps, extra)
+    mix = torch.logsumexp(logits.log_softmax(-1), dim=1) - math.log(logits.size(1))  # log of the mixture
     return -torch.stack([mix[b, where[c].to(mix.device)].mean() for b, c in enumerate(caps)]).mean()
 
 
-def warm_up_projector(model, cache, cfg, env, vocab_sample=2000):
-    """Before the LM trains, make the projected image tokens look like the caption's words to the LM (word_loss).
+def slot_loss(model, feats, slots, extra):
+    """The warm-up's loss where stage 1 trained the queries to name the scene one word each, in reading order
+    (slots): projected query k must read as slot word k; queries past the list are free.
+    slots: per image, LM token ids, one per query from the first."""
+    logits, where = word_logits(model, feats, slots, extra)
+    labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
+    for b, c in enumerate(slots):
+        c = c[:labels.size(1)]
+        labels[b, :len(c)] = where[torch.tensor(c, dtype=torch.long)]
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device))
+
+
+def warm_up_projector(model, cache, cfg, env, vocab_sample=2000, slots=False):
+    """Before the LM trains, make the projected image tokens look like the caption's words to the LM (word_loss),
+    or, where stage 1 trained slots, each token like its slot's word (slot_loss), so that the LM starts from
+    what reads as the scene's words in order and has mostly to copy them into a sentence.
     No LM layer runs: thousands of images a minute on a CPU, against a few per second through the LM, and what
     the LM then learns to read from starts close (EXPERIMENTS.md: the stage-2 curve)."""
     vocab = model.llm.model.embed_tokens.weight.size(0)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=cfg.warmup_projector_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
+    end = model.tok.encode(".").ids[0]
+    assert not slots or data.slot_words(cache.caption_and_key(0)[1]) is not None, \
+        "the Q-Former was trained with slots, but this data has no slot words (shapes has)"
     t0 = time.time()
     for step in range(cfg.warmup_projector):
         idx = torch.randint(0, len(cache), (cfg.warmup_projector_batch,), generator=g).tolist()
         items = [it for it in (cache[i] for i in idx) if it is not None and it[0].dim() == 2]
-        caps = [model.tok.encode(it[1]).ids[:cfg.max_caption_tokens] for it in items]
         feats = torch.stack([it[0] for it in items]).to(env.device)  # float16 from the cache: not under autocast
+        extra = torch.randint(0, vocab, (vocab_sample,), generator=g)
         with env.autocast():
-            loss = word_loss(model, feats, caps, torch.randint(0, vocab, (vocab_sample,), generator=g))
+            if slots:  # each word as the LM reads it inside a sentence (with its leading space), then "." (the end)
+                ids = [[model.tok.encode(" " + w).ids[0] for w in data.slot_words(it[2])] + [end] for it in items]
+                loss = slot_loss(model, feats, ids, extra)
+            else:
+                caps = [model.tok.encode(it[1]).ids[:cfg.max_caption_tokens] for it in items]
+                loss = word_loss(model, feats, caps, extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -443,7 +470,7 @@ def main(argv=None):
         train_ds = cache
     if cfg.warmup_projector and start == 0:
         assert cfg.cache_features, "--warmup_projector reads the cached Q-Former outputs: add --cache_features"
-        warm_up_projector(model, train_ds, cfg, env)
+        warm_up_projector(model, train_ds, cfg, env, slots="slots" in meta["train_config"]["losses"].split(","))
     collate = Stage2Collate(tok, qformer.config.num_query_tokens, cfg.max_caption_tokens, cfg.seed, replay,
                             cfg.replay_ratio)
     batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum,
