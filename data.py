@@ -577,9 +577,9 @@ class Collate:
     def __init__(self, tokenizer, max_len=32, pad_id=0, slots=0):
         self.tok, self.max_len, self.pad_id = tokenizer, max_len, pad_id
         self.slots = slots  # >0: slot_ids [B, slots], the slot words' token ids, [PAD] after the last
-        if slots:  # the token ids a slot can hold: [PAD] and every word slot_words() says
-            self.slot_vocab = torch.tensor(sorted({pad_id} | {i for w in SLOT_WORDS for i in
-                                                               tokenizer.encode(w, add_special_tokens=False).ids}))
+        if slots:  # each slot word's token ids, and the ids a slot can hold: [PAD] and every slot word's
+            self.word_ids = {w: tokenizer.encode(w, add_special_tokens=False).ids for w in SLOT_WORDS}
+            self.slot_vocab = torch.tensor(sorted({pad_id} | {i for ids in self.word_ids.values() for i in ids}))
 
     def tokenize(self, captions):
         enc = [e.ids[:self.max_len - 1] + e.ids[-1:] if len(e.ids) > self.max_len else e.ids
@@ -604,8 +604,7 @@ class Collate:
         if self.tok is not None:
             batch["input_ids"], batch["attention_mask"] = self.tokenize(batch["captions"])
         if self.slots:
-            ids = [[i for w in slot_words(k) for i in self.tok.encode(w, add_special_tokens=False).ids]
-                   for k in batch["keys"]]
+            ids = [[i for w in slot_words(k) for i in self.word_ids[w]] for k in batch["keys"]]
             if max(map(len, ids)) > self.slots:
                 raise ValueError(f"a scene has {max(map(len, ids))} slot words, more than the {self.slots} queries")
             batch["slot_ids"] = torch.tensor([(x + [self.pad_id] * self.slots)[:self.slots] for x in ids])

@@ -248,6 +248,10 @@ class QFormer(nn.Module):
         h = self(input_ids, bidirectional_mask(n, attention_mask), image_embeds, with_queries=True)
         return self.itm_head(h[:, :n]).mean(dim=1)
 
+    def slot_logits(self, h, vocab):
+        """Slots: each query output (h: encode_image's) scored by the MLM head over the words `vocab` only."""
+        return self.cls.predictions(h, self.embeddings.word_embeddings.weight[vocab], vocab)
+
     def itg_logits(self, image_embeds, input_ids, attention_mask, where=None):
         """ITG: next-token logits [B, T, V] for text that starts with [DEC], under the multimodal causal mask;
         with `where` ([B, T] bool), only at those positions: [N, V]."""
@@ -293,6 +297,11 @@ def hard_negatives(sim, same, generator=None, offset=0, total=None):
     logits = sim.float().masked_fill(same, float("-inf"))
     logits = torch.where(same.all(1, keepdim=True), torch.zeros_like(logits), logits)
     return (logits - torch.log(-torch.log(g.clamp_min(1e-20)))).argmax(dim=1)
+
+
+def slots_scored(slot_ids):
+    """Which slots are scored: the words and the first [PAD] after them (the end), not the [PAD]s after that."""
+    return (slot_ids == 0).long().cumsum(1) <= 1
 
 
 def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=("itc", "itm", "itg"),
@@ -358,8 +367,8 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
         # which ITC against whole captions hardly asks (EXPERIMENTS.md). Scored over the words the global batch's
         # slots hold (a sampled softmax): the 30k-wide head would cost more than the rest of the step.
         vocab = torch.unique(gather_nograd(slot_ids))
-        logits = qf.cls.predictions(h_query, qf.embeddings.word_embeddings.weight[vocab], vocab)
-        labels = torch.searchsorted(vocab, slot_ids).masked_fill((slot_ids == 0).long().cumsum(1) > 1, -100)
+        logits = qf.slot_logits(h_query, vocab)
+        labels = torch.searchsorted(vocab, slot_ids).masked_fill(~slots_scored(slot_ids), -100)
         n = (labels >= 0).sum()
         total = (env.sum(n) if env is not None else n).clamp_min(1)
         out["slots"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") * world / total

@@ -691,9 +691,7 @@ def test_slots_named_counts_an_image_right_only_if_every_scored_word_is():
     logits = torch.full((3, 4, 4), -5.0)
     for b, row in enumerate([[1, 0, 2, 2], [1, 2, 0, 0], [3, 3, 3, 0]]):  # the column each query predicts
         logits[b, torch.arange(4), torch.tensor(row)] = 5.0
-    qf = types.SimpleNamespace(cls=types.SimpleNamespace(predictions=lambda h, w, v: logits),
-                               embeddings=types.SimpleNamespace(word_embeddings=types.SimpleNamespace(
-                                   weight=torch.zeros(50, 8))))
+    qf = types.SimpleNamespace(slot_logits=lambda h, v: logits)
     targets = torch.tensor([[11, 0, 0, 0], [11, 13, 0, 0], [13, 13, 13, 0]])  # row 0 ends after one word
     assert train_qformer.slots_named(qf, torch.zeros(3, 4, 8), targets, vocab).tolist() == [True, False, True]
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import data
 from load_weights import load_bert_tokenizer, load_qformer, load_strict, load_vit, offline_paths
-from qformer import QFormer, QFormerConfig, itc_similarity, stage1_losses
+from qformer import QFormer, QFormerConfig, itc_similarity, slots_scored, stage1_losses
 from trainer import (Env, TrainConfig, compiled, freeze_to, make_optimizer, parse_config, resume, run_cli, train,
                      write_text)
 
@@ -215,9 +215,8 @@ def slots_named(qf, h, slot_ids, vocab):
     """Per image, whether every query up to the end names its slot word right: the argmax of the MLM head over
     the words slots can hold (vocab: token ids, [PAD] included). h: encode_image's output."""
     vocab = vocab.to(h.device)
-    pred = vocab[qf.cls.predictions(h, qf.embeddings.word_embeddings.weight[vocab], vocab).argmax(-1)]
-    scored = (slot_ids == 0).long().cumsum(1) <= 1  # the words and the first [PAD] (the end)
-    return ((pred == slot_ids) | ~scored).all(1)
+    pred = vocab[qf.slot_logits(h, vocab).argmax(-1)]
+    return ((pred == slot_ids) | ~slots_scored(slot_ids)).all(1)
 
 
 def eval_batches(cfg, ds, collate):
