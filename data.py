@@ -159,6 +159,18 @@ def slot_words(key):
     return " ".join(parts).split() if n == 3 else None
 
 
+def slot_objects(scene):
+    """Which object each of slot_words' words describes (an index into scene["objects"]), None for a region or
+    relation word."""
+    objs = scene["objects"]
+    if len(objs) == 1:
+        return [0, 0, 0, None]
+    if len(objs) == 2:  # the one on the left (or on top) first, as the caption reads
+        i, j = (0, 1) if relation(objs[0], objs[1]) in ("left of", "above") else (1, 0)
+        return [i] * 3 + [None] + [j] * 3
+    return [k for k in sorted(range(3), key=lambda k: objs[k][3]) for _ in range(3)]
+
+
 def shape_caption(scene):
     rng, objs = scene["rng"], scene["objects"]
     name = [object_name(o) for o in objs]
@@ -244,6 +256,17 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def mirror_caption(self, index):
         return mirror_caption(self.seed, index)
+
+    def slot_cover(self, index, n_slots, grid):
+        """[n_slots, grid * grid]: the share of each patch (row-major, as a ViT orders them) that the object
+        slot k's word describes covers; zeros for a region or relation word and past the last word."""
+        scene = shape_scene(self.seed, index)
+        cover = object_coverage(scene, grid)
+        out = np.zeros((n_slots, grid * grid), np.float32)
+        for k, o in enumerate(slot_objects(scene)):
+            if o is not None:
+                out[k] = cover[..., 1 + o].reshape(-1)
+        return out
 
 # -----------------------------------------------------------------------------------------------------------
 # real data: WebDataset shards (streamed) and a folder of images with a captions file
@@ -574,9 +597,10 @@ class FeatureCache(torch.utils.data.Dataset):
 class Collate:
     """Stacks images, tokenizes captions (BERT tokenizer: [CLS] ... [SEP], padded), drops and counts bad samples."""
 
-    def __init__(self, tokenizer, max_len=32, pad_id=0, slots=0):
+    def __init__(self, tokenizer, max_len=32, pad_id=0, slots=0, cover=None):
         self.tok, self.max_len, self.pad_id = tokenizer, max_len, pad_id
         self.slots = slots  # >0: slot_ids [B, slots], the slot words' token ids, [PAD] after the last
+        self.cover = cover  # index -> [slots, patches] (ShapesDataset.slot_cover): batch["slot_cover"]
         if slots:  # each slot word's token ids, and the ids a slot can hold: [PAD] and every slot word's
             self.word_ids = {w: tokenizer.encode(w, add_special_tokens=False).ids for w in SLOT_WORDS}
             self.slot_vocab = torch.tensor(sorted({pad_id} | {i for ids in self.word_ids.values() for i in ids}))
@@ -608,6 +632,8 @@ class Collate:
             if max(map(len, ids)) > self.slots:
                 raise ValueError(f"a scene has {max(map(len, ids))} slot words, more than the {self.slots} queries")
             batch["slot_ids"] = torch.tensor([(x + [self.pad_id] * self.slots)[:self.slots] for x in ids])
+        if self.cover is not None:
+            batch["slot_cover"] = torch.stack([torch.from_numpy(self.cover(int(i))) for i in batch["index"]])
         return batch
 
 # -----------------------------------------------------------------------------------------------------------

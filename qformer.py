@@ -11,6 +11,7 @@ BERT. What the two streams may see of each other is set by one of four attention
 Module names follow bert-base-uncased and LAVIS (crossattention, intermediate_query, query_tokens, itm_head, ...)
 so a pretrained BERT loads by name and the code reads side by side with the reference.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,17 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
 
-    def forward(self, x, kv, mask):
+    def forward(self, x, kv, mask, probs=False):
+        """probs: also return the attention map, averaged over the heads [B, T, S] (the "ground" loss's)."""
         q, k, v = split_heads(self.query(x), self.n_head), split_heads(self.key(kv), self.n_head), \
             split_heads(self.value(kv), self.n_head)
-        return merge_heads(attention(q, k, v, mask=mask))
+        if not probs:
+            return merge_heads(attention(q, k, v, mask=mask))
+        att = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # attention()'s textbook path
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(-1)
+        return merge_heads((att @ v.float()).to(v.dtype)), att.mean(1)
 
 
 class BertResidual(nn.Module):
@@ -104,7 +112,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg, kv_width)
         self.output = BertResidual(cfg, cfg.hidden_size)
 
-    def forward(self, x, kv=None, mask=None):
+    def forward(self, x, kv=None, mask=None, probs=False):
+        if probs:
+            h, p = self.self(x, x if kv is None else kv, mask, probs=True)
+            return self.output(h, x), p
         return self.output(self.self(x, x if kv is None else kv, mask), x)
 
 
@@ -127,16 +138,19 @@ class QFormerLayer(nn.Module):
         self.intermediate, self.output = BertIntermediate(cfg), BertResidual(cfg, cfg.intermediate_size)
         self.intermediate_query, self.output_query = BertIntermediate(cfg), BertResidual(cfg, cfg.intermediate_size)
 
-    def forward(self, x, mask, n_query, image_embeds):
-        x = self.attention(x, mask=mask)
+    def forward(self, x, mask, n_query, image_embeds, probs=False):
+        """probs: also return the queries' cross-attention map, averaged over the heads [B, n_query, S]."""
+        x, p = self.attention(x, mask=mask), None
         q, t = x[:, :n_query], x[:, n_query:]
         if n_query > 0:
             if self.has_cross and image_embeds is not None:
-                q = self.crossattention(q, kv=image_embeds)
+                q = self.crossattention(q, kv=image_embeds, probs=probs)
+                q, p = q if probs else (q, None)
             q = self.output_query(self.intermediate_query(q), q)
         if t.size(1) > 0:
             t = self.output(self.intermediate(t), t)
-        return torch.cat([q, t], dim=1)
+        x = torch.cat([q, t], dim=1)
+        return (x, p) if probs else x
 
 
 class BertEmbeddings(nn.Module):
@@ -196,9 +210,10 @@ class QFormer(nn.Module):
         self.apply(_init_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
 
-    def forward(self, input_ids=None, mask=None, image_embeds=None, with_queries=False):
+    def forward(self, input_ids=None, mask=None, image_embeds=None, with_queries=False, probs_layer=None):
         """One pass through the layers. image_embeds are the raw ViT features (ln_vision is applied here).
-        Returns hidden states [B, (32 if with_queries) + T, H]."""
+        Returns hidden states [B, (32 if with_queries) + T, H]; with probs_layer (a layer's index), also that
+        layer's cross-attention map [B, 32, S], averaged over the heads."""
         B = (input_ids if input_ids is not None else image_embeds).size(0)
         query = self.query_tokens.expand(B, -1, -1) if with_queries else None
         n_query = query.size(1) if with_queries else 0
@@ -206,9 +221,13 @@ class QFormer(nn.Module):
             image_embeds = self.ln_vision(image_embeds)
         x = self.embeddings(input_ids, query)
         run = getattr(self, "_layer", run_layer)
-        for layer in self.encoder.layer:
-            x = run(layer, x, mask, n_query, image_embeds)
-        return x
+        probs = None
+        for i, layer in enumerate(self.encoder.layer):
+            if i == probs_layer:
+                x, probs = run(layer, x, mask, n_query, image_embeds, True)
+            else:
+                x = run(layer, x, mask, n_query, image_embeds)
+        return x if probs_layer is None else (x, probs)
 
     def compile_layers(self):
         """torch.compile the layers (forward and backward): one graph per kind of layer (with or without
@@ -216,9 +235,10 @@ class QFormer(nn.Module):
         self._layer = torch.compile(run_layer)
         return self
 
-    def encode_image(self, image_embeds):
-        """Queries alone, cross-attending to the image: [B, 32, H]."""
-        return self(image_embeds=image_embeds, mask=queries_mask(), with_queries=True)
+    def encode_image(self, image_embeds, probs_layer=None):
+        """Queries alone, cross-attending to the image: [B, 32, H] (and, with probs_layer, that layer's
+        cross-attention map: forward's)."""
+        return self(image_embeds=image_embeds, mask=queries_mask(), with_queries=True, probs_layer=probs_layer)
 
     def encode_text(self, input_ids, attention_mask):
         """Text alone: exactly BertModel's last_hidden_state."""
@@ -305,8 +325,9 @@ def slots_scored(slot_ids):
 
 
 def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=("itc", "itm", "itg"),
-                  env=None, generator=None, slot_ids=None):
-    """BLIP-2's ITC, ITM and ITG on one (local) batch, and slots where the data names its scenes word by word.
+                  env=None, generator=None, slot_ids=None, slot_cover=None, ground_layer=1):
+    """BLIP-2's ITC, ITM and ITG on one (local) batch, and slots and ground where the data names its scenes word
+    by word.
     key_ids: an int per sample naming its content, so that duplicates (the same scene, captioned alike) count as
     positives in ITC and are never drawn as ITM negatives.
     env (trainer.Env) gathers across DDP processes, whose local batches may differ in size; each loss is a sum
@@ -315,6 +336,8 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
     process.
     slot_ids [B, n_query]: for "slots", the word query k must name (its token id through the MLM head), [PAD]
     after the last word; the first [PAD] is scored (where the scene ends), the rest are free.
+    slot_cover [B, S, patches]: for "ground", the share of each image patch covered by the object slot k's word
+    describes (zeros for other slots); query k's cross-attention in layer `ground_layer` should fall there.
     -> {name: loss}"""
     B, out = input_ids.size(0), {}
     rank, world = (env.rank, env.world) if env is not None else (0, 1)
@@ -324,7 +347,20 @@ def stage1_losses(qf, image_embeds, input_ids, attention_mask, key_ids, losses=(
     gather_nograd = (lambda x: env.gather_nograd(x, sizes)) if env is not None else (lambda x: x)
     all_keys = gather_nograd(key_ids)
     same = key_ids[:, None] == all_keys[None]  # [B, N]: positives (the pair itself included)
-    h_query = qf.encode_image(image_embeds) if "itc" in losses or "itm" in losses or "slots" in losses else None
+    h_query = None
+    if "ground" in losses:
+        # the query that names an object's words looks at that object: which of three objects is "the middle
+        # one" is otherwise left to the words' loss alone to find (EXPERIMENTS.md). On a middle layer, so that
+        # the layers after it may still look elsewhere.
+        h_query, probs = qf.encode_image(image_embeds, probs_layer=ground_layer)
+        S = slot_cover.size(1)
+        mass = (probs[:, :S, -slot_cover.size(2):] * slot_cover).sum(-1)  # the patches: after the [CLS] token
+        scored = slot_cover.sum(-1) > 0
+        n = scored.sum()
+        total = (env.sum(n) if env is not None else n).clamp_min(1)
+        out["ground"] = -(mass.clamp_min(1e-6).log() * scored).sum() * world / total
+    elif "itc" in losses or "itm" in losses or "slots" in losses:
+        h_query = qf.encode_image(image_embeds)
     if "itc" in losses or "itm" in losses:
         with torch.no_grad():
             qf.temp.clamp_(0.001, 0.5)

@@ -683,6 +683,35 @@ def test_slot_words_are_the_captions_words_in_order():
         data.Collate(tok, slots=4)([ds[i] for i in range(8)])
 
 
+def test_slot_objects_and_cover_are_the_objects_the_slot_words_describe():
+    """data.slot_objects: slot k's word is an attribute (size, colour, shape, in that order) of the object it
+    points to; ShapesDataset.slot_cover: that object's share of each patch, most where its centre lies, zero for
+    a region or relation word and after the last word."""
+    ds, grid = data.ShapesDataset("train"), 8
+    for i in range(300):
+        scene = data.shape_scene(0, i)
+        objs, words, where = scene["objects"], data.slot_words(data.canonical(scene)), data.slot_objects(scene)
+        assert len(where) == len(words)
+        runs = {}
+        for w, o in zip(words, where):
+            if o is not None:
+                runs.setdefault(o, []).append(w)
+        assert sorted(runs) == list(range(len(objs))) and all(runs[o] == list(objs[o][:3]) for o in runs)
+        cover = ds.slot_cover(i, 10, grid)
+        full = data.object_coverage(scene, grid)
+        for k in range(10):
+            o = where[k] if k < len(where) else None
+            if o is None:
+                assert not cover[k].any()
+            else:
+                np.testing.assert_allclose(cover[k], full[..., 1 + o].reshape(-1))
+                x, y = objs[o][3:]  # covered: the patch holding the centre, and no patch far from it
+                assert cover[k][int(y * grid) * grid + int(x * grid)] > 0.25
+                py, px = np.nonzero(cover[k].reshape(grid, grid))
+                r = data.SIZES[objs[o][0]] / 2 + 1 / grid
+                assert (abs((px + 0.5) / grid - x) <= r).all() and (abs((py + 0.5) / grid - y) <= r).all()
+
+
 def test_slots_named_counts_an_image_right_only_if_every_scored_word_is():
     """train_qformer.slots_named: an image counts as right when every query up to the end (the first [PAD])
     names its word; the queries after the end are free."""
@@ -708,6 +737,30 @@ def test_slots_loss_scores_each_word_and_the_end_only():
     logits = qf.cls.predictions(qf.encode_image(img), qf.embeddings.word_embeddings.weight)[..., vocab]
     labels = torch.tensor([[1, 2, 0, -100], [3, 1, 4, 0]])
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+
+
+def test_ground_loss_by_hand():
+    """stage 1's ground: query k's cross-attention in the chosen layer (averaged over heads, [CLS] aside) should
+    fall on the patches its object covers: -log of that mass, averaged over the slots that have an object.
+    Asking for the map changes nothing else the pass computes."""
+    from model import split_heads
+    qf = tiny_qformer()
+    img, ids = torch.randn(2, 5, 24), torch.tensor([[1, 7], [1, 9]])
+    mask, keys = torch.ones(2, 2, dtype=torch.long), torch.tensor([1, 2])
+    cover = torch.zeros(2, 3, 4)
+    cover[0, 0, :2], cover[0, 1, 3], cover[1, 2] = torch.tensor([1.0, 0.5]), 0.25, 1.0  # 3 slots scored
+    got = stage1_losses(qf, img, ids, mask, keys, ("ground",), slot_cover=cover, ground_layer=0)["ground"]
+    h, probs = qf.encode_image(img, probs_layer=0)
+    torch.testing.assert_close(h, qf.encode_image(img))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4))
+    layer, H = qf.encoder.layer[0], qf.config.num_attention_heads
+    x = layer.attention(qf.embeddings(None, qf.query_tokens.expand(2, -1, -1)))
+    ca, kv = layer.crossattention.self, qf.ln_vision(img)
+    q, k = split_heads(ca.query(x), H), split_heads(ca.key(kv), H)
+    att = (q @ k.transpose(-2, -1) / (32 // H) ** 0.5).softmax(-1).mean(1)  # [2, 4 queries, 5 tokens]
+    torch.testing.assert_close(probs, att)
+    mass = [(att[b, s, 1:] * cover[b, s]).sum() for b, s in ((0, 0), (0, 1), (1, 2))]
+    torch.testing.assert_close(got, -torch.stack(mass).log().mean())
 
 
 def test_itg_labels_and_loss_by_hand():
@@ -1256,12 +1309,15 @@ def test_real_pictures_splits_captions_and_scoring(real_pictures, tmp_path, smol
 def test_stage1_feature_cache_in_training(tmp_path):
     # 2 steps an epoch: epoch 2 reads the ViT features from disk; the slot words come from the dataset
     rows, out = run_stage1(["--cache_features", "--n_train", "16", "--max_steps", "4", "--eval_interval", "4",
-                            "--losses", "itc,slots", "--num_query_tokens", "10"], tmp_path, "cache")
+                            "--losses", "itc,slots,ground", "--num_query_tokens", "10", "--ground_layer", "0"],
+                           tmp_path, "cache")
     filled = np.load(out / "vit_cache.filled", mmap_mode="r")
-    assert filled.all() and all(np.isfinite(r["itc"]) and np.isfinite(r["slots"]) for r in rows if "itc" in r)
+    assert filled.all() and all(np.isfinite(r[k]) for r in rows if "itc" in r for k in ("itc", "slots", "ground"))
     assert all(0 <= r["slots_exact"] <= 1 and "slots_exact_1obj" in r for r in rows if "i2t_r1" in r)
     with pytest.raises(AssertionError, match="slot words"):
         run_stage1(["--data", "real", "--losses", "itc,slots"], tmp_path, "real")
+    with pytest.raises(AssertionError, match="no cross-attention"):  # the tiny preset's layer 1 has none
+        run_stage1(["--losses", "itc,ground", "--bert_layers", "2", "--ground_layer", "1"], tmp_path, "layer")
 
 
 def test_text_only_prompt_is_the_chat_template(smol_tok):
@@ -1864,10 +1920,12 @@ def _unequal_cases():
 
     slots = torch.randint(1, 50, (8, 4), generator=g)
     slots[1, 2:], slots[5, 1:], slots[6, 3] = 0, 0, 0  # rows that end early: only their first [PAD] is scored
+    cover = torch.rand(8, 4, 4, generator=g) * (torch.rand(8, 4, 1, generator=g) < 0.6)  # some slots unscored
 
     def stage1(qf, rows, env):
-        out = stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc", "itm", "itg", "slots"), env,
-                            torch.Generator().manual_seed(1), slot_ids=slots[rows])
+        out = stage1_losses(qf, img[rows], ids[rows], mask[rows], keys[rows], ("itc", "itm", "itg", "slots", "ground"),
+                            env, torch.Generator().manual_seed(1), slot_ids=slots[rows], slot_cover=cover[rows],
+                            ground_layer=0)
         return sum(out.values())
 
     vlm = tiny_vlm_for_ddp()

@@ -5,6 +5,7 @@ Stage 1: train the Q-Former on image-caption pairs with BLIP-2's ITC, ITM and IT
     python train_qformer.py --preset shapes      # offline: built-in shapes data, MiniLM BERT, small ViT, CPU
     torchrun --nproc_per_node 8 train_qformer.py # DDP
 """
+import functools
 import json
 import os
 import time
@@ -42,8 +43,9 @@ class Stage1Config(TrainConfig):
     # data and objectives
     max_text_len: int = 32
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
-    losses: str = "itc,itm,itg"  # and slots, where the data names its scenes word by word (shapes)
+    losses: str = "itc,itm,itg"  # and slots, ground, where the data names its scenes word by word (shapes)
     slots_weight: float = 4.0     # the slots loss's weight in the sum
+    ground_layer: int = 1         # ground: the Q-Former layer whose cross-attention looks at the slot's object
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
                                   # the data has them
@@ -53,9 +55,11 @@ PRESETS = {
     # Offline, 2 CPU cores. The ViT is the project's own, pretrained on shapes images alone (pretrain_vit.py,
     # shipped in assets/), frozen as the recipe freezes google/vit; its features are cached after the first epoch.
     # Besides ITC, each query learns to name one word of the scene in reading order (slots): ITC alone keeps what
-    # the captions say but loses where and which goes with which (EXPERIMENTS.md).
+    # the captions say but loses where and which goes with which; and, in the middle layer, to look at the object
+    # whose word it names (ground): which of three objects is the middle one is otherwise the slowest to learn
+    # (EXPERIMENTS.md).
     "shapes": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1,
-                   num_query_tokens=16, losses="itc,slots", itc_temp=0.02, data="shapes",
+                   num_query_tokens=16, losses="itc,slots,ground", itc_temp=0.02, data="shapes",
                    n_train=8192, cache_features=True, batch_size=32, max_steps=520, warmup_steps=20, lr=5e-4,
                    min_lr=5e-5, eval_interval=260, eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0,
                    dropout=0.0, out_dir="out/shapes-qformer"),
@@ -76,9 +80,9 @@ PRESETS = {
 class Stage1(nn.Module):
     """ViT (frozen) + Q-Former as one module, so DDP sees one forward."""
 
-    def __init__(self, vit, qformer):
+    def __init__(self, vit, qformer, ground_layer=1):
         super().__init__()
-        self.vit, self.qformer = vit, qformer
+        self.vit, self.qformer, self.ground_layer = vit, qformer, ground_layer
         vit.requires_grad_(False)
 
     def train(self, mode=True):
@@ -105,8 +109,9 @@ class Stage1(nn.Module):
         dev = self.qformer.query_tokens.device
         feats = self.image_features(batch, cache)
         slots = batch["slot_ids"].to(dev) if "slot_ids" in batch else None
+        cover = batch["slot_cover"].to(dev) if "slot_cover" in batch else None
         return stage1_losses(self.qformer, feats, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                             batch["key_ids"].to(dev), losses, env, generator, slots)
+                             batch["key_ids"].to(dev), losses, env, generator, slots, cover, self.ground_layer)
 
 # -----------------------------------------------------------------------------------------------------------
 # building things
@@ -348,13 +353,16 @@ def main(argv=None):
     cfg = parse_config(Stage1Config, PRESETS, argv)
     env = Env(cfg.device, cfg.dtype, cfg.seed)
     losses = [x for x in cfg.losses.split(",") if x]
-    assert losses and set(losses) <= {"itc", "itm", "itg", "slots"}, \
-        f"--losses takes a subset of itc,itm,itg,slots: {cfg.losses}"
-    assert "slots" not in losses or cfg.data == "shapes", f"--losses slots: {cfg.data} has no slot words (shapes has)"
+    assert losses and set(losses) <= {"itc", "itm", "itg", "slots", "ground"}, \
+        f"--losses takes a subset of itc,itm,itg,slots,ground: {cfg.losses}"
+    for name in ("slots", "ground"):
+        assert name not in losses or cfg.data == "shapes", f"--losses {name}: {cfg.data} has no slot words (shapes has)"
     vit, qformer, tok, bert_src = build_models(cfg)
     with torch.no_grad():
         qformer.temp.fill_(cfg.itc_temp)
-    model = Stage1(vit, qformer).to(env.device)
+    assert "ground" not in losses or qformer.encoder.layer[cfg.ground_layer].has_cross, \
+        f"--ground_layer {cfg.ground_layer}: that layer has no cross-attention"
+    model = Stage1(vit, qformer, cfg.ground_layer).to(env.device)
     freeze_to(vit, env.dtype)  # the products autocast would compute, without a copy of the ViT per step
     env.print(f"stage 1: ViT {sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M (frozen), Q-Former "
               f"{sum(p.numel() for p in qformer.parameters()) / 1e6:.1f}M, losses {losses}, device {env.device} "
@@ -368,7 +376,13 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(meta, indent=2))
     train_ds, map_style = build_dataset(cfg, "train", vit.config.image_size, env)
-    collate = data.Collate(tok, cfg.max_text_len, slots=cfg.num_query_tokens if "slots" in losses else 0)
+    slots = cfg.num_query_tokens if "slots" in losses or "ground" in losses else 0
+    collate = data.Collate(tok, cfg.max_text_len, slots=slots)
+    train_collate = collate
+    if "ground" in losses:  # where each slot's object lies, patch by patch: for the training batches only
+        grid = vit.config.image_size // vit.config.patch_size
+        train_collate = data.Collate(tok, cfg.max_text_len, slots=slots,
+                                     cover=functools.partial(train_ds.slot_cover, n_slots=slots, grid=grid))
     val_ds, _ = build_dataset(cfg, "val", vit.config.image_size, env)
     cache = None
     if cfg.cache_features:
@@ -376,8 +390,8 @@ def main(argv=None):
         n_tok = (vit.config.image_size // vit.config.patch_size) ** 2 + 1
         cache = open_feature_cache(train_ds, os.path.join(cfg.out_dir, "vit_cache"), n_tok,
                                    vit.config.hidden_size, env, cfg.resume)
-        train_ds = cache
-    batches = train_batches(cfg, train_ds, map_style, collate, env, start * cfg.grad_accum)
+    batches = train_batches(cfg, train_ds if cache is None else cache, map_style, train_collate, env,
+                            start * cfg.grad_accum)
     fwd = compiled(model, [qformer], env.device) if cfg.compile else model
 
     def step_fn(batch, ddp_model):
