@@ -114,8 +114,7 @@ def canonical(scene):
     if len(objs) == 2:
         a, b = sorted(range(2), key=lambda i: names[i])
         return f"2|{names[a]}|{relation(objs[a], objs[b])}|{names[b]}"
-    order = sorted(range(3), key=lambda i: objs[i][3])
-    return "3|" + "|".join(names[i] for i in order)
+    return "3|" + "|".join(names[i] for i in reading_order(objs))
 
 
 def mirror_caption(seed, index):
@@ -159,16 +158,24 @@ def slot_words(key):
     return " ".join(parts).split() if n == 3 else None
 
 
+def reading_order(objs):
+    """The objects' indices in the order a caption names them: two in reading order (the one on the left, or on
+    top, first), three from left to right. So one picture has one right caption up to its wording, not two
+    mirror-image sentences to choose from."""
+    if len(objs) == 2:
+        return [0, 1] if relation(objs[0], objs[1]) in ("left of", "above") else [1, 0]
+    return sorted(range(len(objs)), key=lambda k: objs[k][3])
+
+
 def slot_objects(scene):
     """Which object each of slot_words' words describes (an index into scene["objects"]), None for a region or
     relation word."""
-    objs = scene["objects"]
-    if len(objs) == 1:
+    order = reading_order(scene["objects"])
+    if len(order) == 1:
         return [0, 0, 0, None]
-    if len(objs) == 2:  # the one on the left (or on top) first, as the caption reads
-        i, j = (0, 1) if relation(objs[0], objs[1]) in ("left of", "above") else (1, 0)
-        return [i] * 3 + [None] + [j] * 3
-    return [k for k in sorted(range(3), key=lambda k: objs[k][3]) for _ in range(3)]
+    if len(order) == 2:
+        return [order[0]] * 3 + [None] + [order[1]] * 3
+    return [k for k in order for _ in range(3)]
 
 
 def shape_caption(scene):
@@ -179,13 +186,11 @@ def shape_caption(scene):
         return rng.choice([f"a {name[0]} {where}", f"one {name[0]} {where}", f"there is one {name[0]} {where}",
                            f"a single {name[0]} {where}"])
     if len(objs) == 2:
-        # in reading order, as three objects are listed left to right: the one on the left (or on top) first, so
-        # that one picture has one right caption up to its wording, not two mirror-image sentences to choose from
-        i, j = (0, 1) if relation(objs[0], objs[1]) in ("left of", "above") else (1, 0)
+        i, j = reading_order(objs)
         rel = {"left of": "to the left of", "above": "above"}[relation(objs[i], objs[j])]
         return rng.choice([f"a {name[i]} {rel} a {name[j]}", f"two shapes: a {name[i]} {rel} a {name[j]}",
                            f"there are two shapes, a {name[i]} {rel} a {name[j]}"])
-    order = sorted(range(3), key=lambda k: objs[k][3])
+    order = reading_order(objs)
     listed = f"a {name[order[0]]}, a {name[order[1]]} and a {name[order[2]]}"
     return rng.choice([f"three shapes, from left to right: {listed}", f"from left to right, three shapes: {listed}",
                        f"there are three shapes: {listed}, from left to right"])

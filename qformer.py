@@ -144,8 +144,10 @@ class QFormerLayer(nn.Module):
         q, t = x[:, :n_query], x[:, n_query:]
         if n_query > 0:
             if self.has_cross and image_embeds is not None:
-                q = self.crossattention(q, kv=image_embeds, probs=probs)
-                q, p = q if probs else (q, None)
+                if probs:
+                    q, p = self.crossattention(q, kv=image_embeds, probs=True)
+                else:
+                    q = self.crossattention(q, kv=image_embeds)
             q = self.output_query(self.intermediate_query(q), q)
         if t.size(1) > 0:
             t = self.output(self.intermediate(t), t)
