@@ -28,13 +28,19 @@ def attention(q, k, v, mask=None, causal=False):
     # On the CPU SDPA's backward is slow for small heads (DESIGN.md measured 2x on a Q-Former step), and its
     # kernel costs more than the product itself for one decoded row, so the textbook softmax(QK^T)V serves there.
     # In fp32: CPUs without bf16 units run bf16 batched matmuls several times slower (measured 5x in decoding).
+    return (attention_probs(q, k, mask, causal) @ v.float()).to(v.dtype)
+
+
+def attention_probs(q, k, mask=None, causal=False):
+    """softmax(QK^T / sqrt(D)) in fp32, [B,H,T,S]: attention()'s textbook path, and the map itself where a loss
+    reads it (the Q-Former's ground)."""
     att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     if mask is None and causal:
         T, S = q.size(-2), k.size(-2)
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
-    return (att.softmax(dim=-1) @ v.float()).to(v.dtype)
+    return att.softmax(dim=-1)
 
 
 def split_heads(x, n_head):  # [B,T,H*D] -> [B,H,T,D]

@@ -11,14 +11,13 @@ BERT. What the two streams may see of each other is set by one of four attention
 Module names follow bert-base-uncased and LAVIS (crossattention, intermediate_query, query_tokens, itm_head, ...)
 so a pretrained BERT loads by name and the code reads side by side with the reference.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import attention, split_heads, merge_heads
+from model import attention, attention_probs, split_heads, merge_heads
 
 
 @dataclass
@@ -86,10 +85,7 @@ class BertSelfAttention(nn.Module):
             split_heads(self.value(kv), self.n_head)
         if not probs:
             return merge_heads(attention(q, k, v, mask=mask))
-        att = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # attention()'s textbook path
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        att = att.softmax(-1)
+        att = attention_probs(q, k, mask)
         return merge_heads((att @ v.float()).to(v.dtype)), att.mean(1)
 
 
