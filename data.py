@@ -192,8 +192,10 @@ def shape_caption(scene):
                            f"there are two shapes, a {name[i]} {rel} a {name[j]}"])
     order = reading_order(objs)
     listed = f"a {name[order[0]]}, a {name[order[1]]} and a {name[order[2]]}"
+    # every wording says "from left to right" before the list: with it after the list, a greedy decoder that
+    # blends two wordings ("three shapes: a ..., a ... and a ...") could end without it (EXPERIMENTS.md)
     return rng.choice([f"three shapes, from left to right: {listed}", f"from left to right, three shapes: {listed}",
-                       f"there are three shapes: {listed}, from left to right"])
+                       f"there are three shapes, from left to right: {listed}"])
 
 
 def draw_object(draw, obj, s, fill):
