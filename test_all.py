@@ -683,6 +683,21 @@ def test_slot_words_are_the_captions_words_in_order():
         data.Collate(tok, slots=4)([ds[i] for i in range(8)])
 
 
+def test_three_object_captions_say_the_order_before_the_list():
+    """Every three-object wording says "from left to right" before it names the first object: a greedy decoder
+    that blends two wordings then cannot end a list without having said its order (EXPERIMENTS.md)."""
+    wordings = set()
+    for i in range(300):
+        scene = data.shape_scene(0, i)
+        if len(scene["objects"]) != 3:
+            continue
+        first = data.object_name(scene["objects"][data.reading_order(scene["objects"])[0]])
+        for ref in data.reference_captions(0, i, k=12):
+            assert 0 <= ref.find("left to right") < ref.find(first), ref
+            wordings.add(ref.split(":")[0])
+    assert len(wordings) == 3  # every wording was drawn and checked
+
+
 def test_slot_objects_and_cover_are_the_objects_the_slot_words_describe():
     """data.slot_objects: slot k's word is an attribute (size, colour, shape, in that order) of the object it
     points to; ShapesDataset.slot_cover: that object's share of each patch, most where its centre lies, zero for
