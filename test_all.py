@@ -821,6 +821,21 @@ def test_stage1_exact_resume(tmp_path):
     assert 0.0 <= e["mirror_acc"] <= 1.0 and any(k.startswith("mirror_acc_") for k in e)
 
 
+def test_stage1_itc_every_k_steps_weighted_k_times(tmp_path):
+    """--itc_every 2: ITC on steps 1 and 3 only, weighted twice (the same loss in expectation, half the text
+    passes); the other losses on every step."""
+    args = ["--max_steps", "4", "--eval_interval", "100", "--losses", "itc,slots", "--num_query_tokens", "16"]
+    every, _ = run_stage1(args, tmp_path, "every")
+    half, _ = run_stage1(args + ["--itc_every", "2"], tmp_path, "half")
+    every, half = ({r["step"]: r for r in rows if "step" in r and not r.get("eval")} for rows in (every, half))
+    assert all("itc" in every[s] for s in (1, 2, 3, 4))
+    assert "itc" in half[1] and "itc" in half[3] and "itc" not in half[2] and "itc" not in half[4]
+    assert all("slots" in half[s] for s in (1, 2, 3, 4))
+    # step 1 sees the same weights and batch either way
+    assert half[1]["itc"] == pytest.approx(2 * every[1]["itc"], rel=1e-4)
+    assert half[1]["slots"] == pytest.approx(every[1]["slots"], rel=1e-4)
+
+
 def test_stage1_mirror_accuracy_pairs_each_image_with_its_own_mirror_caption():
     """An image scores its caption 0.5 |v|^2 and its mirror caption +-|v|^2 (minus where i % 3 == 0): right
     exactly there, for the images that have a mirror caption (one object in the middle has none)."""

