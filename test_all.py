@@ -834,6 +834,8 @@ def test_stage1_itc_every_k_steps_weighted_k_times(tmp_path):
     # step 1 sees the same weights and batch either way
     assert half[1]["itc"] == pytest.approx(2 * every[1]["itc"], rel=1e-4)
     assert half[1]["slots"] == pytest.approx(every[1]["slots"], rel=1e-4)
+    with pytest.raises(AssertionError, match="itc_every"):
+        run_stage1(args + ["--itc_every", "0"], tmp_path, "zero")
 
 
 def test_stage1_mirror_accuracy_pairs_each_image_with_its_own_mirror_caption():

@@ -358,6 +358,7 @@ def main(argv=None):
     losses = [x for x in cfg.losses.split(",") if x]
     assert losses and set(losses) <= {"itc", "itm", "itg", "slots", "ground"}, \
         f"--losses takes a subset of itc,itm,itg,slots,ground: {cfg.losses}"
+    assert cfg.itc_every >= 1, f"--itc_every must be 1 or more (ITC on every k-th step): {cfg.itc_every}"
     for name in ("slots", "ground"):
         assert name not in losses or cfg.data == "shapes", f"--losses {name}: {cfg.data} has no slot words (shapes has)"
     vit, qformer, tok, bert_src = build_models(cfg)
