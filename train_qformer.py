@@ -45,7 +45,7 @@ class Stage1Config(TrainConfig):
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
     losses: str = "itc,itm,itg"  # and slots, ground, where the data names its scenes word by word (shapes)
     slots_weight: float = 4.0     # the slots loss's weight in the sum
-    itc_every: int = 1            # ITC on every k-th step only, weighted k times (its text pass is half a step)
+    itc_every: int = 1            # ITC on every k-th step only, weighted k times (its text pass is a step's dearest part)
     ground_layer: int = 1         # ground: the Q-Former layer whose cross-attention looks at the slot's object
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
@@ -60,7 +60,7 @@ PRESETS = {
     # whose word it names (ground): which of three objects is the middle one is otherwise the slowest to learn.
     # 1,040 steps: the ViT's tokens hold where an object lies to about a pixel, but the queries learn to read it
     # slowly, and a region word flips within a few pixels of a boundary. ITC on every other step: its text pass
-    # is half a step's cost, and retrieval needs far fewer steps than position does (EXPERIMENTS.md).
+    # is a step's dearest part, and retrieval needs far fewer steps than position does (EXPERIMENTS.md).
     "shapes": dict(vit=SHAPES_VIT, bert="minilm", bert_layers=3, text_pooling="mean", cross_attention_freq=1,
                    num_query_tokens=16, losses="itc,slots,ground", itc_temp=0.02, data="shapes",
                    n_train=8192, cache_features=True, batch_size=32, max_steps=1040, warmup_steps=20, lr=5e-4,
