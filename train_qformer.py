@@ -45,7 +45,7 @@ class Stage1Config(TrainConfig):
     cache_features: bool = False  # store the frozen ViT's outputs on disk in the first epoch, read them after
     losses: str = "itc,itm,itg"  # and slots, ground, where the data names its scenes word by word (shapes)
     slots_weight: float = 4.0     # the slots loss's weight in the sum
-    itc_every: int = 1            # ITC on every k-th step only, weighted k times (its text pass is a step's dearest part)
+    itc_every: int = 1            # ITC on every k-th step only, weighted k times (the text pass: a step's dearest part)
     ground_layer: int = 1         # ground: the Q-Former layer whose cross-attention looks at the slot's object
     itc_temp: float = 0.07        # the ITC temperature at the start (it is learned; BLIP-2 starts at 0.07)
     itm_rerank_k: int = 16        # eval: re-rank ITC's top-k with ITM
