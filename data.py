@@ -70,18 +70,44 @@ BACKGROUNDS = [(235, 235, 235), (200, 200, 200), (120, 120, 120), (60, 60, 60), 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
+# A caption says where things are: a region, a relation, a left-to-right order. An object a hair from the middle
+# box's edge or from a diagonal, or two objects a hair apart in x, have no right word: whichever the caption says,
+# a person could not tell it from the other, so it would be label noise in training and a coin toss in evaluation.
+# Scenes keep every such deciding quantity at least this far (fractions of the image, ~2 px at 64) from its tie,
+# as CLEVR's generator keeps its objects a margin apart along each direction.
+TIE_MARGIN = 0.03
+
+
 def shape_scene(seed, index):
-    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y)."""
+    """The content of one image: a background and 1-3 non-overlapping objects (size, colour, shape, x, y), placed
+    again until no region, relation or order is within TIE_MARGIN of a tie."""
     rng = random.Random(f"shapes:{seed}:{index}")
     n = rng.choice((1, 2, 3))
     objects = []
-    while len(objects) < n:
+    while len(objects) < n or tie_margin(objects) < TIE_MARGIN:
+        if len(objects) == n:
+            objects = []
         size = rng.choice(list(SIZES))
         r = SIZES[size] / 2
         x, y = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
         if all(max(abs(x - o[3]), abs(y - o[4])) > r + SIZES[o[0]] / 2 + 0.03 for o in objects):
             objects.append((size, rng.choice(list(COLOURS)), rng.choice(SHAPES), x, y))
     return {"background": rng.choice(BACKGROUNDS), "objects": objects, "rng": rng}
+
+
+def tie_margin(objects):
+    """How far the quantity that decides what a caption says about where things are is from a tie: for one
+    object the edge of the middle box and (outside it) the diagonals, for two the axis they are further apart
+    along, for three the gaps between their x."""
+    if len(objects) == 1:
+        dx, dy = abs(objects[0][3] - 0.5), abs(objects[0][4] - 0.5)
+        edge = abs(max(dx, dy) - MIDDLE)
+        return edge if max(dx, dy) < MIDDLE else min(edge, abs(dx - dy))
+    if len(objects) == 2:
+        a, b = objects
+        return abs(abs(a[3] - b[3]) - abs(a[4] - b[4]))
+    xs = sorted(o[3] for o in objects)
+    return min(b - a for a, b in zip(xs, xs[1:]))
 
 
 def relation(a, b):
@@ -92,9 +118,12 @@ def relation(a, b):
     return "above" if dy < 0 else "below"
 
 
+MIDDLE = 0.15  # half the side of the box whose objects are "in the middle"
+
+
 def region(o):
     dx, dy = o[3] - 0.5, o[4] - 0.5
-    if max(abs(dx), abs(dy)) < 0.15:
+    if max(abs(dx), abs(dy)) < MIDDLE:
         return "in the middle"
     if abs(dx) >= abs(dy):
         return "on the left" if dx < 0 else "on the right"

@@ -607,6 +607,19 @@ def test_shapes_deterministic_and_splits_disjoint():
         assert all(metrics.judge(r, s)["exact"] for r in data.reference_captions(0, i)), i
 
 
+def test_scenes_keep_clear_of_ties():
+    """No scene has an object on the edge of a region, two objects on a diagonal or two x a hair apart: each
+    caption's where-words are decided by at least TIE_MARGIN. tie_margin sees each kind of tie."""
+    obj = lambda x, y: ("small", "red", "circle", x, y)
+    assert data.tie_margin([obj(0.8, 0.8)]) < 1e-9  # on a diagonal: left or bottom?
+    assert abs(data.tie_margin([obj(0.5, 0.5 + data.MIDDLE)])) < 1e-9  # on the middle box's edge
+    assert abs(data.tie_margin([obj(0.2, 0.5)]) - 0.15) < 1e-9  # clearly on the left
+    assert data.tie_margin([obj(0.2, 0.2), obj(0.6, 0.6)]) < 1e-9  # above or left of?
+    assert data.tie_margin([obj(0.2, 0.2), obj(0.21, 0.8), obj(0.8, 0.5)]) < 0.011  # which is first from the left?
+    assert min(data.tie_margin(data.shape_scene(s, i)["objects"]) for s in (0, 1) for i in range(2000)) \
+        >= data.TIE_MARGIN
+
+
 def test_hard_negatives_never_positive():
     g = torch.Generator().manual_seed(0)
     keys = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])
