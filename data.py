@@ -68,6 +68,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.2, "large": 0.34}  # side as a fraction of the image
 BACKGROUNDS = [(235, 235, 235), (200, 200, 200), (120, 120, 120), (60, 60, 60), (235, 225, 200), (200, 220, 235)]
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+MIDDLE = 0.15  # half the side of the box whose objects are "in the middle"
 
 
 # A caption says where things are: a region, a relation, a left-to-right order. An object a hair from the middle
@@ -116,9 +117,6 @@ def relation(a, b):
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
     return "above" if dy < 0 else "below"
-
-
-MIDDLE = 0.15  # half the side of the box whose objects are "in the middle"
 
 
 def region(o):
