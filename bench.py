@@ -30,7 +30,7 @@ from model import Llama, LlamaConfig, ViT, ViTConfig
 from qformer import QFormer, QFormerConfig
 from train_qformer import Stage1
 from train_vlm import VLM
-from trainer import Env, compiled, cpu_info, fastest_dtype, freeze_to, make_optimizer, parse_config
+from trainer import Env, compiled, cpu_info, decoding_dtypes, freeze_to, make_optimizer, parse_config
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' data sheets
@@ -294,8 +294,9 @@ def peak_flops(cfg, dev):
 
 def bench_decode(cfg, env, results, compile_, base_dtypes):
     dev, N, T = env.device, cfg.new_tokens, cfg.prompt_len + 32 + cfg.caption_len
-    dt = getattr(torch, cfg.decode_dtype if cfg.decode_dtype != "auto" else fastest_dtype(dev, "decode"))
+    dt, prompt_dt = decoding_dtypes(dev, None if cfg.decode_dtype == "auto" else getattr(torch, cfg.decode_dtype))
     ours = Llama(LlamaConfig()).to(dev, dt).eval()
+    ours.prompt_dtype = prompt_dt  # as sample.py decodes
     if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)
         ours.compile_decode()
     setups = {}  # the baseline's set-ups: name -> (model, autocast dtype)
@@ -357,6 +358,7 @@ def bench_decode(cfg, env, results, compile_, base_dtypes):
             results[f"baseline_decode_b{B}_all"] = {n: {"tokens_per_s": round(by_rate[n], 2),
                                                         "ttft_ms": round(by_ttft[n], 1)} for n in setups}
     results["decode_dtype"] = name_of(dt)
+    results["decode_prompt_dtype"] = name_of(prompt_dt or dt)
 
 
 def name_of(dt):
@@ -380,10 +382,13 @@ def main(argv=None):
     only = set(cfg.only.split(",")) if cfg.only else {"stage1_itc", "stage1_all", "stage2", "decode"}
     name = torch.cuda.get_device_name(dev) if gpu else f"{cpu_info()['cpu']} ({torch.get_num_threads()} threads)"
     log = (lambda *a: None) if cfg.json else print
-    results = {"device": name, **({} if gpu else {"cpu_flags": " ".join(cpu_info()["cpu_flags"])}),
+    # the vector ISA ATen's kernels run (ATEN_CPU_CAPABILITY can lower it below what the flags offer)
+    cpu = {"cpu_flags": " ".join(cpu_info()["cpu_flags"]), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    results = {"device": name, **({} if gpu else cpu),
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "dtype": name_of(env.dtype),
                "baseline_dtypes": cfg.baseline_dtypes, "compile": compile_}
-    log(f"device {name}{'' if gpu else ', flags ' + results['cpu_flags']}; ours: training {name_of(env.dtype)} "
+    log(f"device {name}{'' if gpu else ', flags ' + cpu['cpu_flags'] + ', kernels ' + cpu['cpu_capability']}; "
+        f"ours: training {name_of(env.dtype)} "
         f"(compile {compile_}); baseline: "
         + (f"the best of {cfg.baseline_dtypes}" if cfg.baseline else "off"))
 
@@ -441,7 +446,11 @@ def main(argv=None):
             if k.startswith("ratio_"):
                 what = k[len("ratio_"):]
                 setup = results.get(f"baseline_{what}_setup") or results.get(f"baseline_{what}_ms_setup", "")
-                print(f"{what}: ours ({results['decode_dtype'] if 'decode' in what else results['dtype']}) / "
+                ours = results["dtype"]
+                if "decode" in what:
+                    ours, prompt = results["decode_dtype"], results["decode_prompt_dtype"]
+                    ours += f", prompt {prompt}" if prompt != ours else ""
+                print(f"{what}: ours ({ours}) / "
                       f"baseline at its best ({setup}) = {v:.2f}x" + (" (time to first token: >1 = ours sooner)"
                                                                      if "ttft" in what else ""))
     return results

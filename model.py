@@ -225,8 +225,8 @@ class LlamaAttention(nn.Module):
             k_buf.index_copy_(2, slot, k)
             v_buf.index_copy_(2, slot, v)
             k, v = k_buf, v_buf
-        elif cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+        elif cache is not None:  # (a prompt read wider than the cache attends to the keys later tokens will see)
+            k, v = (t.to(q.dtype) for t in cache.update(self.layer_idx, k, v))
         # grouped-query attention: each K/V head serves n_head / n_kv query heads
         k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -317,11 +317,15 @@ class Llama(nn.Module):
         freqs = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
         self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
+        self.prompt_dtype = None  # generate() reads the prompt in this dtype when set (trainer.decoding_dtypes)
 
-    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, dtype=None):
         """Final normed hidden states [B,T,C]. attention_mask [B, past+T] (1 = real token) marks padding;
-        positions count real tokens only, so left-padded batches see the same positions as single rows."""
+        positions count real tokens only, so left-padded batches see the same positions as single rows.
+        dtype: the products' dtype when it is not the weights' (a prompt read in fp32 from bf16 weights, see
+        prompt_dtype); each layer's weights are widened to it as the layer runs, then dropped."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x if dtype is None else x.to(dtype)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache.pos
         if attention_mask is None:
@@ -339,7 +343,11 @@ class Llama(nn.Module):
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
         run = getattr(self, "_layer", train_layer) if cache is None else train_layer
         for block in self.model.layers:
-            x = run(block, x, cos, sin, mask, cache)
+            if dtype is None:
+                x = run(block, x, cos, sin, mask, cache)
+            else:
+                wide = {k: v.to(dtype) for k, v in block.named_parameters()}
+                x = torch.func.functional_call(block, wide, (x, cos, sin, mask, cache))
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)
@@ -413,8 +421,8 @@ class Llama(nn.Module):
                 logits = step(step_in, pos, cache, torch.tensor([T + i - 1], device=x.device), seen)
             else:  # the prompt (or, without a cache, everything so far): the LM head on the last position only
                 h = self.hidden_states(inputs_embeds=step_in if use_cache or fast else x, attention_mask=am,
-                                       cache=cache)
-                logits = self.lm_head(h[:, -1])
+                                       cache=cache, dtype=self.prompt_dtype if i == 0 else None)
+                logits = self.lm_head(h[:, -1].to(self.lm_head.weight.dtype))
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             out.append(nxt)

@@ -69,9 +69,9 @@ def main(argv=None):
         model, meta = load_vlm(ckpt, a.device)
     except (FileNotFoundError, ConnectionError, CheckpointError, WeightLoadError) as e:
         fail(str(e))
-    from trainer import fastest_dtype
+    from trainer import decoding_dtypes
     dev = torch.device(a.device)
-    model.for_decoding(getattr(torch, fastest_dtype(dev, "decode") if a.dtype == "auto" else a.dtype))
+    model.for_decoding(*decoding_dtypes(dev, None if a.dtype == "auto" else getattr(torch, a.dtype)))
     if a.compile:
         model.llm.compile_decode()
     gen = torch.Generator(device=a.device).manual_seed(a.seed)

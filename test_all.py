@@ -1398,6 +1398,42 @@ def test_fast_decode_gives_the_same_tokens():
     assert torch.equal(m.generate(**{**kw, "eos_token_id": eos}, fast=True), m.generate(**{**kw, "eos_token_id": eos}))
 
 
+def test_prompt_read_wider_than_the_weights(monkeypatch):
+    """A prompt read in fp32 from bf16 weights (a CPU whose bf16 products are emulated): its hidden states are
+    those of the same bf16 weights widened to fp32 (which bf16 products' are not); the weights stay as
+    stored; the fast decode path gives the plain loop's tokens. decoding_dtypes asks for it only where training's
+    products are faster in fp32 and the weights are narrower."""
+    import copy
+    m16 = tiny_llama_ours()
+    with torch.no_grad():
+        for p in m16.parameters():
+            p.mul_(4)  # larger activations than the random init's: bf16's rounding shows in the logits
+    m16.to(torch.bfloat16)
+    wide = copy.deepcopy(m16).float()  # the reference: the same (bf16) numbers, fp32 products
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, max_new_tokens=6, eos_token_id=-1)
+
+    def prompt(m, dtype):  # the prompt's hidden states, its keys and values written to a bf16 cache
+        with torch.no_grad():
+            return m.hidden_states(input_ids=ids, cache=KVCache(m.config, 2, 12, "cpu", torch.bfloat16),
+                                   dtype=dtype).float()
+
+    ref = prompt(wide, None)  # fp32 weights reading the prompt into the same bf16 cache
+    assert torch.allclose(prompt(m16, torch.float32), ref, atol=1e-5, rtol=1e-5)
+    assert (prompt(m16, None) - ref).abs().max() > 1e-2  # bf16 products: visibly not the same
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    m16.prompt_dtype = torch.float32
+    assert torch.equal(m16.generate(**kw, fast=True), m16.generate(**kw))
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    cpu = torch.device("cpu")
+    for train, decode, weights, want in [("float32", "bfloat16", None, (torch.bfloat16, torch.float32)),
+                                         ("bfloat16", "bfloat16", None, (torch.bfloat16, None)),
+                                         ("float32", "float32", None, (torch.float32, None)),
+                                         ("float32", "bfloat16", torch.float32, (torch.float32, None))]:
+        monkeypatch.setattr(trainer, "fastest_dtype", lambda dev, w: {"train": train, "decode": decode}[w])
+        assert trainer.decoding_dtypes(cpu, weights) == want
+
+
 def test_compiled_train_step_matches_eager():
     """Stage 1's train step (ViT + Q-Former, ITC + ITM + ITG, backward, AdamW) under torch.compile gives the
     eager loss, step after step."""
@@ -1518,7 +1554,7 @@ def test_bench_runs_every_workload_against_the_baseline_at_its_best(tmp_path, mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the dtype measurements: not the user's cache
     r = bench.main(["--baseline", "--rounds", "1", "--steps", "1", "--warmup", "1", "--new_tokens", "3",
                     "--compile", "0", "--json"])
-    assert r["device"].startswith(trainer.cpu_info()["cpu"]) and "cpu_flags" in r
+    assert r["device"].startswith(trainer.cpu_info()["cpu"]) and "cpu_flags" in r and r["cpu_capability"]
     for key in ("stage1_itc_samples_per_s", "stage2_samples_per_s", "decode_b1_tokens_per_s", "decode_b4_tokens_per_s"):
         setups = r[f"baseline_{key.rsplit('_', 3)[0]}_all"]
         rate = (lambda v: v["tokens_per_s"]) if "decode" in key else (lambda v: v)
@@ -1527,6 +1563,7 @@ def test_bench_runs_every_workload_against_the_baseline_at_its_best(tmp_path, mo
             max(rate(v) for v in setups.values()), rel=1e-2)
         assert r[f"ratio_{key}"] == pytest.approx(r[key] / r[f"baseline_{key}"]) and r[key] > 0
     assert r["stage1_all_samples_per_s"] > 0 and r["ratio_decode_b1_ttft"] > 0 and r["decode_dtype"] in ("fp32", "bf16")
+    assert r["decode_prompt_dtype"] in ("fp32", "bf16")
 
 # ---------------------------------------------------------------------------------------------------- the hub
 # A loopback imitation of the model hub: a threaded http.server on 127.0.0.1 that answers the requests

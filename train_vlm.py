@@ -142,13 +142,14 @@ class VLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[where])
 
     @torch.no_grad()
-    def for_decoding(self, dtype):
+    def for_decoding(self, dtype, prompt_dtype=None):
         """Inference only, as sample.py runs it: the adapters folded into the LM's weights (no LoRA products per
-        token; merged in fp32, then rounded once) and the LM stored in dtype (sample.py: the one
-        trainer.fastest_dtype measures fastest for decoding). The ViT and Q-Former run once per image and stay in
-        fp32. The adapters cannot be switched off afterwards."""
+        token; merged in fp32, then rounded once) and the LM stored in dtype, the prompt read in prompt_dtype
+        (None: dtype; sample.py takes both from trainer.decoding_dtypes). The ViT and Q-Former run once per image
+        and stay in fp32. The adapters cannot be switched off afterwards."""
         lora.merge_lora(self.llm)
         self.llm.to(dtype)
+        self.llm.prompt_dtype = prompt_dtype
         return self
 
     @torch.no_grad()
