@@ -294,7 +294,7 @@ def peak_flops(cfg, dev):
 
 def bench_decode(cfg, env, results, compile_, base_dtypes):
     dev, N, T = env.device, cfg.new_tokens, cfg.prompt_len + 32 + cfg.caption_len
-    dt, prompt_dt = decoding_dtypes(dev, None if cfg.decode_dtype == "auto" else getattr(torch, cfg.decode_dtype))
+    dt, prompt_dt = decoding_dtypes(dev, cfg.decode_dtype)
     ours = Llama(LlamaConfig()).to(dev, dt).eval()
     ours.prompt_dtype = prompt_dt  # as sample.py decodes
     if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)
@@ -382,14 +382,14 @@ def main(argv=None):
     only = set(cfg.only.split(",")) if cfg.only else {"stage1_itc", "stage1_all", "stage2", "decode"}
     name = torch.cuda.get_device_name(dev) if gpu else f"{cpu_info()['cpu']} ({torch.get_num_threads()} threads)"
     log = (lambda *a: None) if cfg.json else print
-    # the vector ISA ATen's kernels run (ATEN_CPU_CAPABILITY can lower it below what the flags offer)
-    cpu = {"cpu_flags": " ".join(cpu_info()["cpu_flags"]), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    results = {"device": name, **({} if gpu else cpu),
+    # on a CPU its flags, and the vector ISA ATen's kernels run (ATEN_CPU_CAPABILITY can set it below the flags)
+    cpu = {} if gpu else {"cpu_flags": " ".join(cpu_info()["cpu_flags"]),
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    results = {"device": name, **cpu,
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "dtype": name_of(env.dtype),
                "baseline_dtypes": cfg.baseline_dtypes, "compile": compile_}
-    log(f"device {name}{'' if gpu else ', flags ' + cpu['cpu_flags'] + ', kernels ' + cpu['cpu_capability']}; "
-        f"ours: training {name_of(env.dtype)} "
-        f"(compile {compile_}); baseline: "
+    where = f", flags {cpu['cpu_flags']}, kernels {cpu['cpu_capability']}" if cpu else ""
+    log(f"device {name}{where}; ours: training {name_of(env.dtype)} (compile {compile_}); baseline: "
         + (f"the best of {cfg.baseline_dtypes}" if cfg.baseline else "off"))
 
     def show(wanted):  # one line of the results gathered so far whose keys are wanted

@@ -71,7 +71,7 @@ def main(argv=None):
         fail(str(e))
     from trainer import decoding_dtypes
     dev = torch.device(a.device)
-    model.for_decoding(*decoding_dtypes(dev, None if a.dtype == "auto" else getattr(torch, a.dtype)))
+    model.for_decoding(*decoding_dtypes(dev, a.dtype))
     if a.compile:
         model.llm.compile_decode()
     gen = torch.Generator(device=a.device).manual_seed(a.seed)

@@ -1425,10 +1425,10 @@ def test_prompt_read_wider_than_the_weights(monkeypatch):
     assert torch.equal(m16.generate(**kw, fast=True), m16.generate(**kw))
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     cpu = torch.device("cpu")
-    for train, decode, weights, want in [("float32", "bfloat16", None, (torch.bfloat16, torch.float32)),
-                                         ("bfloat16", "bfloat16", None, (torch.bfloat16, None)),
-                                         ("float32", "float32", None, (torch.float32, None)),
-                                         ("float32", "bfloat16", torch.float32, (torch.float32, None))]:
+    for train, decode, weights, want in [("float32", "bfloat16", "auto", (torch.bfloat16, torch.float32)),
+                                         ("bfloat16", "bfloat16", "auto", (torch.bfloat16, None)),
+                                         ("float32", "float32", "auto", (torch.float32, None)),
+                                         ("float32", "bfloat16", "float32", (torch.float32, None))]:
         monkeypatch.setattr(trainer, "fastest_dtype", lambda dev, w: {"train": train, "decode": decode}[w])
         assert trainer.decoding_dtypes(cpu, weights) == want
 

@@ -245,13 +245,13 @@ def fastest_dtype(device, workload="train"):
     return known[key][workload]
 
 
-def decoding_dtypes(device, weights=None):
-    """(the LM's weights, a prompt's products: None = the weights' dtype) for decoding on device. The weights:
-    `weights` when given (sample.py --dtype), else the dtype one-row decoding measures fastest. A prompt is many
-    rows at once, bound by products like training, not by streaming weights: where the training probe finds fp32
-    products faster (a CPU without bf16 units emulates bf16 products) and the weights are narrower, it is read in
-    fp32, each layer's weights widened as it runs."""
-    weights = weights or getattr(torch, fastest_dtype(device, "decode"))
+def decoding_dtypes(device, weights="auto"):
+    """(the LM's weights, a prompt's products: None = the weights' dtype) for decoding on device. The weights: the
+    dtype `weights` names (sample.py --dtype), or with "auto" the one one-row decoding measures fastest. A prompt
+    is many rows at once, bound by products like training, not by streaming weights: where the training probe
+    finds fp32 products faster (a CPU without bf16 units emulates bf16 products) and the weights are narrower, it
+    is read in fp32, each layer's weights widened as it runs."""
+    weights = getattr(torch, fastest_dtype(device, "decode") if weights == "auto" else weights)
     products = getattr(torch, fastest_dtype(device, "train"))
     return weights, (torch.float32 if products == torch.float32 and weights != torch.float32 else None)
 
