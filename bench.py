@@ -164,7 +164,8 @@ def ours_stage2(cfg, env, B, compile_):
     return build
 
 # -----------------------------------------------------------------------------------------------------------
-# the same workloads from transformers + peft
+# the same workloads from transformers + peft; AdamW fused on every device, as transformers' Trainer runs it by
+# default with torch >= 2.8 (optim="adamw_torch_fused"), and as make_optimizer runs ours
 
 
 def hf_autocast(dev, dtype):
@@ -200,8 +201,7 @@ def hf_stage1_itc(cfg, env, B, dtype):
         config._attn_implementation = "sdpa"
         model = Blip2ForImageTextRetrieval(config).to(env.device)
         model.vision_model.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                fused=env.device.type == "cuda")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         batch = random_inputs(B, env.device, cfg.text_len)
         target = torch.arange(B, device=env.device)
 
@@ -232,7 +232,7 @@ def hf_stage2(cfg, env, B, dtype):
                             LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS.split(",")))
         opt = torch.optim.AdamW([{"params": list(qformer.parameters()) + [query_tokens], "lr": 1e-5},
                                  {"params": [p for p in lm.parameters() if p.requires_grad] + list(proj.parameters())}],
-                                lr=1e-4, fused=env.device.type == "cuda")
+                                lr=1e-4, fused=True)
         batch = stage2_batch(cfg, B, env.device)
         labels = batch["lm_ids"].masked_fill(batch["targets"].roll(1, dims=1) == -100, -100)  # HF shifts itself
 

@@ -287,6 +287,14 @@ def matvec_options():
     return {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
 
 
+def matvec(x, weight):
+    """x @ weight.T for one row x [1, C] as a multiply + sum: the LM head in batch-1 decoding on a CPU. It is the
+    largest product of a token (the 49k-word vocabulary), where BLAS's bf16 gemv streams the weights well below
+    the memory's rate on some CPUs (AVX-512 BF16 ones) and inductor's fused multiply + sum near it; the decompose
+    pass of matvec_options does the same for the layers' products but stops at 2048 columns."""
+    return (x.float()[:, None, :] * weight.float()).sum(-1).to(weight.dtype)
+
+
 def call_layer(block, *args):
     """block(*args) as a plain function: compiled, one graph then serves every layer (see compile_decode)."""
     return block(*args)
@@ -366,6 +374,8 @@ class Llama(nn.Module):
         run = getattr(self, "_decode_layer", call_layer)
         for i, block in enumerate(self.model.layers):
             x = run(block, x, cos, sin, mask, (cache.k[i], cache.v[i], slot))
+        if x.size(0) == 1 and hasattr(self, "_decode_head"):
+            return self._decode_head(self.model.norm(x[:, -1]), self.lm_head.weight)
         return self.lm_head(self.model.norm(x))[:, -1]
 
     def compile_layers(self):
@@ -379,11 +389,12 @@ class Llama(nn.Module):
         """torch.compile the decode step for the device the weights are on. On a GPU the full step as one graph,
         replayed as one CUDA graph per token (mode='reduce-overhead': launches are what limits batch-1 decoding
         there); on a CPU per layer: one graph serves all the identical layers, so it compiles in seconds where the
-        whole step takes minutes."""
+        whole step takes minutes; and for one row the LM head (see matvec)."""
         if self.lm_head.weight.is_cuda:
             self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
             self._decode_layer = torch.compile(call_layer, fullgraph=True, dynamic=False, **matvec_options())
+            self._decode_head = torch.compile(matvec, fullgraph=True, dynamic=False)
         return self
 
     @torch.no_grad()

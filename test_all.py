@@ -1393,6 +1393,8 @@ def test_fast_decode_gives_the_same_tokens():
     one = dict(kw, input_ids=ids[1:2], attention_mask=am[1:2])
     assert torch.equal(m.generate(**one, fast=True), m.generate(**one))
     assert counters["inductor"]["decompose_mm"] > 0 or not matvec_options()  # older torch: no such pass
+    h = torch.randn(1, m.config.hidden_size)  # and its LM head as a multiply + sum
+    torch.testing.assert_close(m._decode_head(h, m.lm_head.weight), m.lm_head(h), rtol=1e-5, atol=1e-5)
     # stopping: a row that emits eos is padded with eos afterwards, as in the plain loop
     eos = int(plain[0, 2])
     assert torch.equal(m.generate(**{**kw, "eos_token_id": eos}, fast=True), m.generate(**{**kw, "eos_token_id": eos}))
