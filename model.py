@@ -325,15 +325,27 @@ class Llama(nn.Module):
         freqs = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
         self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
-        self.prompt_dtype = None  # generate() reads the prompt in this dtype when set (trainer.decoding_dtypes)
+        self.prompt_dtype, self.prompt_layers = None, None  # see read_prompts_in
 
-    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, dtype=None):
+    def read_prompts_in(self, dtype):
+        """Keep a copy of the layers' weights in dtype for generate() to read prompts with: where that is wider
+        than the weights (trainer.decoding_dtypes: a CPU that emulates bf16 products decodes one row at a time
+        from bf16 weights, which halves the bytes streamed, but reads a prompt's many rows fastest in fp32). The
+        copy costs its memory (fp32: ~425 MB for SmolLM2-135M's layers); widening each layer's weights as a
+        prompt ran cost about a quarter of the first token's time instead (EXPERIMENTS.md, speed). It copies the
+        weights as they are now: call it after the last change to them. None drops it."""
+        self.prompt_dtype = dtype
+        self.prompt_layers = None if dtype is None else [
+            {k: v.detach().to(dtype) for k, v in block.named_parameters()} for block in self.model.layers]
+        return self
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, wide=False):
         """Final normed hidden states [B,T,C]. attention_mask [B, past+T] (1 = real token) marks padding;
         positions count real tokens only, so left-padded batches see the same positions as single rows.
-        dtype: the products' dtype when it is not the weights' (a prompt read in fp32 from bf16 weights, see
-        prompt_dtype); each layer's weights are widened to it as the layer runs, then dropped."""
+        wide: run the layers with read_prompts_in's copy of their weights, where one is kept."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        x = x if dtype is None else x.to(dtype)
+        wide = wide and self.prompt_layers is not None
+        x = x.to(self.prompt_dtype) if wide else x
         B, T = x.shape[:2]
         past = 0 if cache is None else cache.pos
         if attention_mask is None:
@@ -350,12 +362,11 @@ class Llama(nn.Module):
         cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
         run = getattr(self, "_layer", train_layer) if cache is None else train_layer
-        for block in self.model.layers:
-            if dtype is None:
-                x = run(block, x, cos, sin, mask, cache)
+        for i, block in enumerate(self.model.layers):
+            if wide:
+                x = torch.func.functional_call(block, self.prompt_layers[i], (x, cos, sin, mask, cache))
             else:
-                wide = {k: v.to(dtype) for k, v in block.named_parameters()}
-                x = torch.func.functional_call(block, wide, (x, cos, sin, mask, cache))
+                x = run(block, x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)
@@ -432,7 +443,7 @@ class Llama(nn.Module):
                 logits = step(step_in, pos, cache, torch.tensor([T + i - 1], device=x.device), seen)
             else:  # the prompt (or, without a cache, everything so far): the LM head on the last position only
                 h = self.hidden_states(inputs_embeds=step_in if use_cache or fast else x, attention_mask=am,
-                                       cache=cache, dtype=self.prompt_dtype if i == 0 else None)
+                                       cache=cache, wide=i == 0)
                 logits = self.lm_head(h[:, -1].to(self.lm_head.weight.dtype))
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)

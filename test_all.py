@@ -1401,10 +1401,10 @@ def test_fast_decode_gives_the_same_tokens():
 
 
 def test_prompt_read_wider_than_the_weights(monkeypatch):
-    """A prompt read in fp32 from bf16 weights (a CPU whose bf16 products are emulated): its hidden states are
-    those of the same bf16 weights widened to fp32 (which bf16 products' are not); the weights stay as
-    stored; the fast decode path gives the plain loop's tokens. decoding_dtypes asks for it only where training's
-    products are faster in fp32 and the weights are narrower."""
+    """A prompt read in fp32 from a copy of bf16 weights (a CPU whose bf16 products are emulated): its hidden
+    states are those of the same bf16 numbers held as fp32 weights (which bf16 products' are not); the weights
+    stay as stored; the fast decode path gives the plain loop's tokens. decoding_dtypes asks for it only where
+    training's products are faster in fp32 and the weights are narrower."""
     import copy
     m16 = tiny_llama_ours()
     with torch.no_grad():
@@ -1415,17 +1415,20 @@ def test_prompt_read_wider_than_the_weights(monkeypatch):
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     kw = dict(input_ids=ids, max_new_tokens=6, eos_token_id=-1)
 
-    def prompt(m, dtype):  # the prompt's hidden states, its keys and values written to a bf16 cache
+    def prompt(m):  # the prompt's hidden states, its keys and values written to a bf16 cache
         with torch.no_grad():
             return m.hidden_states(input_ids=ids, cache=KVCache(m.config, 2, 12, "cpu", torch.bfloat16),
-                                   dtype=dtype).float()
+                                   wide=True).float()
 
-    ref = prompt(wide, None)  # fp32 weights reading the prompt into the same bf16 cache
-    assert torch.allclose(prompt(m16, torch.float32), ref, atol=1e-5, rtol=1e-5)
-    assert (prompt(m16, None) - ref).abs().max() > 1e-2  # bf16 products: visibly not the same
-    m16.prompt_dtype = torch.float32
+    ref = prompt(wide)  # fp32 weights reading the prompt into the same bf16 cache
+    bf16_products = prompt(m16)  # no copy kept: wide=True changes nothing
+    assert (bf16_products - ref).abs().max() > 1e-2  # visibly not the same
+    m16.read_prompts_in(torch.float32)
+    assert torch.allclose(prompt(m16), ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(m16.generate(**kw, fast=True), m16.generate(**kw))
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    assert all(w.dtype == torch.float32 for layer in m16.prompt_layers for w in layer.values())
+    assert m16.read_prompts_in(None).prompt_layers is None and torch.equal(prompt(m16), bf16_products)
     cpu = torch.device("cpu")
     for train, decode, weights, want in [("float32", "bfloat16", "auto", (torch.bfloat16, torch.float32)),
                                          ("bfloat16", "bfloat16", "auto", (torch.bfloat16, None)),

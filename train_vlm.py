@@ -149,7 +149,7 @@ class VLM(nn.Module):
         and stay in fp32. The adapters cannot be switched off afterwards."""
         lora.merge_lora(self.llm)
         self.llm.to(dtype)
-        self.llm.prompt_dtype = prompt_dtype
+        self.llm.read_prompts_in(prompt_dtype)
         return self
 
     @torch.no_grad()

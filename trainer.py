@@ -250,7 +250,7 @@ def decoding_dtypes(device, weights="auto"):
     dtype `weights` names (sample.py --dtype), or with "auto" the one one-row decoding measures fastest. A prompt
     is many rows at once, bound by products like training, not by streaming weights: where the training probe
     finds fp32 products faster (a CPU without bf16 units emulates bf16 products) and the weights are narrower, it
-    is read in fp32, each layer's weights widened as it runs."""
+    is read in fp32, from a copy of the layers kept for it (Llama.read_prompts_in)."""
     weights = getattr(torch, fastest_dtype(device, "decode") if weights == "auto" else weights)
     products = getattr(torch, fastest_dtype(device, "train"))
     return weights, (torch.float32 if products == torch.float32 and weights != torch.float32 else None)
