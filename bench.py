@@ -294,7 +294,7 @@ def peak_flops(cfg, dev):
 
 def bench_decode(cfg, env, results, compile_, base_dtypes):
     dev, N, T = env.device, cfg.new_tokens, cfg.prompt_len + 32 + cfg.caption_len
-    dt, prompt_dt = decoding_dtypes(dev, cfg.decode_dtype)
+    dt, prompt_dt = decoding_dtypes(dev, cfg.decode_dtype, compiled=compile_)
     ours = Llama(LlamaConfig()).to(dev, dt).eval()
     ours.read_prompts_in(prompt_dt)  # as sample.py decodes
     if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)

@@ -295,9 +295,15 @@ def matvec(x, weight):
     return (x.float()[:, None, :] * weight.float()).sum(-1).to(weight.dtype)
 
 
-def call_layer(block, *args):
-    """block(*args) as a plain function: compiled, one graph then serves every layer (see compile_decode)."""
-    return block(*args)
+DECODE_LAYERS_PER_GRAPH = 5  # the CPU decode step's layers per compiled call (see compile_decode)
+
+
+def call_layers(blocks, x, cos, sin, mask, ks, vs, slot):
+    """The decode step through `blocks` in turn, each with its own cache buffers: a plain function, so that
+    compiled, one graph serves every group of as many identical layers (see compile_decode)."""
+    for block, k, v in zip(blocks, ks, vs):
+        x = block(x, cos, sin, mask, (k, v, slot))
+    return x
 
 
 def train_layer(block, *args):
@@ -382,9 +388,9 @@ class Llama(nn.Module):
         growing cache: exp(-inf) adds exact zeros."""
         cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
-        run = getattr(self, "_decode_layer", call_layer)
-        for i, block in enumerate(self.model.layers):
-            x = run(block, x, cos, sin, mask, (cache.k[i], cache.v[i], slot))
+        run, layers, n = getattr(self, "_decode_layers", call_layers), self.model.layers, DECODE_LAYERS_PER_GRAPH
+        for i in range(0, len(layers), n):
+            x = run(list(layers[i:i + n]), x, cos, sin, mask, list(cache.k[i:i + n]), list(cache.v[i:i + n]), slot)
         if x.size(0) == 1 and hasattr(self, "_decode_head"):
             return self._decode_head(self.model.norm(x[:, -1]), self.lm_head.weight)
         return self.lm_head(self.model.norm(x))[:, -1]
@@ -399,12 +405,14 @@ class Llama(nn.Module):
     def compile_decode(self):
         """torch.compile the decode step for the device the weights are on. On a GPU the full step as one graph,
         replayed as one CUDA graph per token (mode='reduce-overhead': launches are what limits batch-1 decoding
-        there); on a CPU per layer: one graph serves all the identical layers, so it compiles in seconds where the
-        whole step takes minutes; and for one row the LM head (see matvec)."""
+        there); on a CPU a few layers at a time: one graph serves every group of DECODE_LAYERS_PER_GRAPH identical
+        layers, so it compiles in seconds where the whole step takes minutes, and a token makes 6 calls into
+        compiled code instead of 30 (each costs Dynamo's guard check and a wrapper: ~10% of a batch-1 token);
+        and for one row the LM head (see matvec)."""
         if self.lm_head.weight.is_cuda:
             self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            self._decode_layer = torch.compile(call_layer, fullgraph=True, dynamic=False, **matvec_options())
+            self._decode_layers = torch.compile(call_layers, fullgraph=True, dynamic=False, **matvec_options())
             self._decode_head = torch.compile(matvec, fullgraph=True, dynamic=False)
         return self
 

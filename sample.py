@@ -42,8 +42,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the LM's dtype: auto = the machine's fastest for decoding (measured once per machine)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: seconds to compile, then "
-                   "several times the tokens/s (for long replies)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: 20-30 s to compile on a 2-core CPU the first time (seconds "
+                   "once cached), then several times the tokens/s (for long replies)")
     a = p.parse_args(argv)
 
     images = []
@@ -71,7 +72,7 @@ def main(argv=None):
         fail(str(e))
     from trainer import decoding_dtypes
     dev = torch.device(a.device)
-    model.for_decoding(*decoding_dtypes(dev, a.dtype))
+    model.for_decoding(*decoding_dtypes(dev, a.dtype, compiled=a.compile))
     if a.compile:
         model.llm.compile_decode()
     gen = torch.Generator(device=a.device).manual_seed(a.seed)

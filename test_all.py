@@ -1374,8 +1374,13 @@ def test_text_only_prompt_is_the_chat_template(smol_tok):
 
 def test_fast_decode_gives_the_same_tokens():
     """The static-shape decode step (eager and torch.compile'd) against the plain growing-cache loop: greedy
-    tokens identical, on a left-padded batch, for sampling with a seed too."""
-    m = tiny_llama_ours()
+    tokens identical, on a left-padded batch, for sampling with a seed too. 7 layers: the compiled CPU step
+    calls a group of DECODE_LAYERS_PER_GRAPH layers, then a shorter one."""
+    from model import DECODE_LAYERS_PER_GRAPH
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=7,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    assert 7 % DECODE_LAYERS_PER_GRAPH not in (0, 7)
     ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(1))
     am = torch.ones_like(ids)
     am[1, :3], am[2, :5] = 0, 0
@@ -1436,6 +1441,11 @@ def test_prompt_read_wider_than_the_weights(monkeypatch):
                                          ("float32", "bfloat16", "float32", (torch.float32, None))]:
         monkeypatch.setattr(trainer, "fastest_dtype", lambda dev, w: {"train": train, "decode": decode}[w])
         assert trainer.decoding_dtypes(cpu, weights) == want
+    # the compiled decode step's weights are those its own one-row probe finds fastest
+    monkeypatch.setattr(trainer, "fastest_dtype",
+                        lambda dev, w: {"train": "float32", "decode": "float32", "decode_compiled": "bfloat16"}[w])
+    assert trainer.decoding_dtypes(cpu) == (torch.float32, None)
+    assert trainer.decoding_dtypes(cpu, compiled=True) == (torch.bfloat16, torch.float32)
 
 
 def test_compiled_train_step_matches_eager():
@@ -1534,6 +1544,35 @@ def test_compiled_layers_train_as_the_plain_ones():
             assert max(maxdiff(a, b) for a, b in zip(g0, g1)) <= 1e-5, kind
 
 
+FAULTS_SCRIPT = """
+import random, resource, sys, torch
+import trainer
+took = trainer.keep_freed_memory() if sys.argv[1] == "keep" else None
+rng, live, faults = random.Random(0), [], []
+for _ in range(6):  # a training step's pattern: blocks of mixed sizes freed and allocated again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(60):
+        live.append(torch.ones(rng.choice([1, 2, 4, 8, 9]) << 18))
+        if len(live) > 10:
+            live.pop(rng.randrange(len(live)))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, sum(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt and page-fault counts: Linux with glibc")
+def test_freed_memory_is_kept_for_the_next_step():
+    """keep_freed_memory (Env does it on a CPU): blocks freed in one round are reused in the next instead of being
+    handed back to the OS and page-faulted in again; without it the same pattern faults thousands of pages."""
+    def later_faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+        return out[0], int(out[1])
+    took, kept = later_faults("keep")
+    _, default = later_faults("default")
+    assert took == "True" and kept < 2000 and default > 5 * max(kept, 1000), (kept, default)
+
+
 def test_fastest_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
@@ -1550,6 +1589,8 @@ def test_fastest_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.undo()
     for workload in trainer.PROBES:  # the real probes run, in both dtypes
         assert all(0 < trainer.probe(workload, dt, reps=1) < 10 for dt in (torch.float32, torch.bfloat16))
+    x, w = torch.randn(1, 64), torch.randn(48, 64)  # the compiled probe's products are the products
+    assert torch.allclose(trainer.one_row_products([x], [w])[0], x @ w.T, atol=1e-5)
 
 def test_bench_runs_every_workload_against_the_baseline_at_its_best(tmp_path, monkeypatch):
     """bench.py end to end at the recipe's sizes, one short round: every workload, every baseline set-up, the

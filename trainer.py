@@ -82,6 +82,22 @@ def parse_config(cls, presets=None, argv=None):
 # device, precision, processes
 
 
+def keep_freed_memory():
+    """Stop glibc from handing freed blocks back to the OS: blocks above its mmap threshold are unmapped when freed
+    and the heap's free top is trimmed, so a CPU training step, which frees and re-allocates its activations and
+    gradients every step, page-faults (and the kernel zeroes) tens of MB of them again each time. Kept, they are
+    reused: the process holds its peak instead of shrinking between steps. Linux with glibc only; elsewhere (or
+    where mallopt refuses) nothing changes. Returns whether both settings took."""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; larger blocks are still mapped afresh
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) & bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 class Env:
     """Where this process runs: device, autocast dtype, and its place among DDP processes (torchrun)."""
 
@@ -96,6 +112,8 @@ class Env:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if dtype == "auto":
@@ -185,31 +203,45 @@ def cpu_info():
 
 
 # What each workload multiplies: the LM's linear shapes (in, out), and per workload its passes as (rows, times).
-# Training (a stage-2 batch's rows, forward + backward) is compute-bound. Decoding is what sample.py does for a
-# caption: read a prompt (compute-bound: many rows per weight) and then write a reply one row at a time (each
-# pass streams every weight from memory); both run in one dtype, since the weights are stored once. The two can
-# disagree: on a CPU whose bf16 products are slower than fp32 ones but whose bf16 weights stream faster, the
-# one-row passes alone would pick bf16 and the prompt would pay for it. 8 layers' weights (57 MB in bf16) are
-# more than a CPU's caches hold, as the LM's 30 are.
+# Training (a stage-2 batch's rows, forward + backward) is compute-bound. Decoding, after the prompt, writes a reply
+# one row at a time: each pass streams every weight from memory, so half-width weights can win even where bf16
+# products are emulated. The prompt's many rows are bound by products, like training, and where training's are
+# faster in fp32 they are read from an fp32 copy (decoding_dtypes), so the decoding probes time one-row passes
+# only. Those run two ways: eager, through BLAS's gemv, and in the compiled decode step as fused multiply + sums
+# (model.matvec and the decompose pass), which widen bf16 weights in registers; BLAS's bf16 gemv is slow on some
+# CPUs where the fused one is fast, so each is measured on its own. 8 layers' weights (57 MB in bf16) are more
+# than a CPU's caches hold, as the LM's 30 are.
 LM_LINEARS = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # q|k|v, o, gate|up, down
-PROBES = {"train": ([(160, 1)], 2), "decode": ([(64, 1), (1, 16)], 8)}  # ([(rows, times)], layers)
-PROBE_VERSION = 2  # in the cache key: an answer measured by another probe is measured again
+PROBES = {"train": ([(160, 1)], 2),  # ([(rows, times)], layers)
+          "decode": ([(1, 16)], 8), "decode_compiled": ([(1, 16)], 8)}
+PROBE_VERSION = 3  # in the cache key: an answer measured by another probe is measured again
+
+
+def one_row_products(xs, ws):
+    """x @ w.T for one row x, as the compiled decode step computes it (model.matvec): a multiply + sum."""
+    return [(x.float()[:, None, :] * w.float()).sum(-1) for x, w in zip(xs, ws)]
 
 
 def probe(workload, dt, reps=3):
     """Seconds for one run of `workload` (the best of reps) with frozen weights stored in dt, as freeze_to
-    stores them, and activations under autocast to dt, as the training and decoding code run them."""
+    stores them, and activations under autocast to dt, as the training and decoding code run them; the
+    "_compiled" workload through torch.compile (compiled once per dtype: seconds)."""
     passes, layers = PROBES[workload]
     train = workload == "train"
     ws = [torch.randn(o, i).to(dt) for _ in range(layers) for i, o in LM_LINEARS]
-    xs = {(rows, i): torch.randn(rows, i, requires_grad=train) for rows, _ in passes for i, _ in LM_LINEARS}
+    xs = {rows: [torch.randn(rows, w.shape[1], requires_grad=train) for w in ws] for rows, _ in passes}
+    if workload.endswith("_compiled"):
+        xs = {rows: [x.to(dt) for x in row] for rows, row in xs.items()}
+        products = torch.compile(one_row_products, dynamic=False)
+    else:
+        products = lambda xs, ws: [F.linear(x, w) for x, w in zip(xs, ws)]  # noqa: E731
     times = []
-    for _ in range(1 + reps):  # the first run is untimed: allocator, kernel selection
+    for _ in range(1 + reps):  # the first run is untimed: compilation, allocator, kernel selection
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32), torch.set_grad_enabled(train):
             for rows, n in passes:
                 for _ in range(n):
-                    out = sum(F.linear(xs[rows, w.shape[1]], w).float().sum() for w in ws)
+                    out = sum(y.float().sum() for y in products(xs[rows], ws))
                     if train:
                         out.backward()
         times.append(time.perf_counter() - t)
@@ -245,13 +277,15 @@ def fastest_dtype(device, workload="train"):
     return known[key][workload]
 
 
-def decoding_dtypes(device, weights="auto"):
+def decoding_dtypes(device, weights="auto", compiled=False):
     """(the LM's weights, a prompt's products: None = the weights' dtype) for decoding on device. The weights: the
-    dtype `weights` names (sample.py --dtype), or with "auto" the one one-row decoding measures fastest. A prompt
-    is many rows at once, bound by products like training, not by streaming weights: where the training probe
-    finds fp32 products faster (a CPU without bf16 units emulates bf16 products) and the weights are narrower, it
-    is read in fp32, from a copy of the layers kept for it (Llama.read_prompts_in)."""
-    weights = getattr(torch, fastest_dtype(device, "decode") if weights == "auto" else weights)
+    dtype `weights` names (sample.py --dtype), or with "auto" the one that one-row passes measure fastest, eager or
+    in the compiled decode step (`compiled`: sample.py --compile, bench.py). A prompt is many rows at once, bound
+    by products like training, not by streaming weights: where the training probe finds fp32 products faster (a
+    CPU without bf16 units emulates bf16 products) and the weights are narrower, it is read in fp32, from a copy
+    of the layers kept for it (Llama.read_prompts_in)."""
+    workload = "decode_compiled" if compiled else "decode"
+    weights = getattr(torch, fastest_dtype(device, workload) if weights == "auto" else weights)
     products = getattr(torch, fastest_dtype(device, "train"))
     return weights, (torch.float32 if products == torch.float32 and weights != torch.float32 else None)
 
