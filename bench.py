@@ -297,7 +297,7 @@ def bench_decode(cfg, env, results, compile_, base_dtypes):
     dt, prompt_dt = decoding_dtypes(dev, cfg.decode_dtype, compiled=compile_)
     ours = Llama(LlamaConfig()).to(dev, dt).eval()
     ours.read_prompts_in(prompt_dt)  # as sample.py decodes
-    if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: per layer (seconds to compile)
+    if compile_:  # on CUDA: the whole step as one CUDA graph; on a CPU: five layers a graph (seconds to compile)
         ours.compile_decode()
     setups = {}  # the baseline's set-ups: name -> (model, autocast dtype)
     if cfg.baseline:

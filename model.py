@@ -406,9 +406,10 @@ class Llama(nn.Module):
         """torch.compile the decode step for the device the weights are on. On a GPU the full step as one graph,
         replayed as one CUDA graph per token (mode='reduce-overhead': launches are what limits batch-1 decoding
         there); on a CPU a few layers at a time: one graph serves every group of DECODE_LAYERS_PER_GRAPH identical
-        layers, so it compiles in seconds where the whole step takes minutes, and a token makes 6 calls into
-        compiled code instead of 30 (each costs Dynamo's guard check and a wrapper: ~10% of a batch-1 token);
-        and for one row the LM head (see matvec)."""
+        layers, so it compiles in seconds where the whole step takes minutes. Fewer, larger calls make a batch-1
+        token faster (each call costs Dynamo's checks and a wrapper, and a graph ends in buffers), more layers a
+        graph a longer compile: five is the measured compromise (EXPERIMENTS.md, speed). And for one row the LM
+        head (see matvec)."""
         if self.lm_head.weight.is_cuda:
             self._decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
