@@ -217,11 +217,6 @@ PROBES = {"train": ([(160, 1)], 2),  # ([(rows, times)], layers)
 PROBE_VERSION = 3  # in the cache key: an answer measured by another probe is measured again
 
 
-def one_row_products(xs, ws):
-    """x @ w.T for one row x, as the compiled decode step computes it (model.matvec): a multiply + sum."""
-    return [(x.float()[:, None, :] * w.float()).sum(-1) for x, w in zip(xs, ws)]
-
-
 def probe(workload, dt, reps=3):
     """Seconds for one run of `workload` (the best of reps) with frozen weights stored in dt, as freeze_to
     stores them, and activations under autocast to dt, as the training and decoding code run them; the
@@ -232,7 +227,8 @@ def probe(workload, dt, reps=3):
     xs = {rows: [torch.randn(rows, w.shape[1], requires_grad=train) for w in ws] for rows, _ in passes}
     if workload.endswith("_compiled"):
         xs = {rows: [x.to(dt) for x in row] for rows, row in xs.items()}
-        products = torch.compile(one_row_products, dynamic=False)
+        from model import matvec  # the compiled decode step's one-row product
+        products = torch.compile(lambda xs, ws: [matvec(x, w) for x, w in zip(xs, ws)], dynamic=False)
     else:
         products = lambda xs, ws: [F.linear(x, w) for x, w in zip(xs, ws)]  # noqa: E731
     times = []
