@@ -388,9 +388,10 @@ class Llama(nn.Module):
         growing cache: exp(-inf) adds exact zeros."""
         cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
-        run, layers, n = getattr(self, "_decode_layers", call_layers), self.model.layers, DECODE_LAYERS_PER_GRAPH
+        # a plain list: slicing the ModuleList would build a new Module per group, ~0.1 ms a token
+        run, layers, n = getattr(self, "_decode_layers", call_layers), list(self.model.layers), DECODE_LAYERS_PER_GRAPH
         for i in range(0, len(layers), n):
-            x = run(list(layers[i:i + n]), x, cos, sin, mask, list(cache.k[i:i + n]), list(cache.v[i:i + n]), slot)
+            x = run(layers[i:i + n], x, cos, sin, mask, list(cache.k[i:i + n]), list(cache.v[i:i + n]), slot)
         if x.size(0) == 1 and hasattr(self, "_decode_head"):
             return self._decode_head(self.model.norm(x[:, -1]), self.lm_head.weight)
         return self.lm_head(self.model.norm(x))[:, -1]
